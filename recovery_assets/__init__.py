@@ -1,0 +1,1 @@
+"""recovery-assets: model-recovery studies of representational alignment."""

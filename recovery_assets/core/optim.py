@@ -1,0 +1,242 @@
+"""Batched full-batch optimisers for many independent probe problems at once.
+
+Every problem ``b`` of a batch has its own parameter vector ``x[b]``, its own objective and its own
+optimiser state (L-BFGS history, step size, convergence flag). One iteration advances all problems
+that have not converged with a handful of batched tensor operations: there is no Python loop over
+problems in the inner iteration. Problems that converge are frozen and drop out of the evaluations.
+
+``fg(x, idx)`` evaluates the objectives and gradients of the problems ``idx`` (a 1-D long tensor
+into the batch) at parameters ``x`` (``len(idx)`` rows) and returns ``(f, g)``.
+
+Stopping rule (study.md §4): the relative objective change between iterations falls below
+``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be found
+at working precision (the objective is then at its floor), or ``max_iter`` is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class OptimResult:
+    x: torch.Tensor  # (B, P) final parameters
+    f: torch.Tensor  # (B,) final objectives
+    iterations: torch.Tensor  # (B,) iterations taken
+    evaluations: torch.Tensor  # (B,) objective evaluations
+    converged: torch.Tensor  # (B,) bool: a stopping rule other than max_iter fired
+
+
+def _rel_change(f_old: torch.Tensor, f_new: torch.Tensor) -> torch.Tensor:
+    scale = torch.maximum(torch.maximum(f_old.abs(), f_new.abs()), torch.ones_like(f_new))
+    return (f_old - f_new).abs() / scale
+
+
+def _two_loop(g, s_hist, y_hist, rho, gamma, newest):
+    """L-BFGS two-loop recursion, batched. Entries with rho == 0 are no-ops."""
+    m = s_hist.shape[0]
+    q = -g
+    alphas = []
+    order = [(newest - i) % m for i in range(m)]
+    for i in order:
+        a = rho[i] * torch.linalg.vecdot(s_hist[i], q)
+        q.addcmul_(a[:, None], y_hist[i], value=-1.0)
+        alphas.append(a)
+    r = q.mul_(gamma[:, None])
+    for i, a in zip(reversed(order), reversed(alphas), strict=True):
+        beta = rho[i] * torch.linalg.vecdot(y_hist[i], r)
+        r.addcmul_((a - beta)[:, None], s_hist[i])
+    return r
+
+
+def lbfgs(
+    fg: Objective,
+    x0: torch.Tensor,
+    *,
+    max_iter: int = 1000,
+    history: int = 10,
+    rel_tol: float = 1e-7,
+    grad_tol: float = 1e-9,
+    c1: float = 1e-4,
+    max_ls: int = 30,
+    progress: Callable[[int, int], None] | None = None,
+) -> OptimResult:
+    """Minimise B independent smooth objectives with L-BFGS and a backtracking Armijo line search.
+
+    The optimiser state is kept for the active problems only and compacted when problems converge,
+    so one iteration costs a fixed number of batched tensor operations on the active set.
+    """
+    B, P = x0.shape
+    dev, dt = x0.device, x0.dtype
+    ids = torch.arange(B, device=dev)  # original index of each active problem
+    x = x0.clone()
+    f, g = fg(x, ids)
+    out_x, out_f = x.clone(), f.clone()
+    iters = torch.zeros(B, dtype=torch.long, device=dev)
+    evals = torch.ones(B, dtype=torch.long, device=dev)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
+    s_hist = torch.zeros(history, B, P, device=dev, dtype=dt)
+    y_hist = torch.zeros_like(s_hist)
+    rho = torch.zeros(history, B, device=dev, dtype=dt)
+    gamma = torch.ones(B, device=dev, dtype=dt)
+    small = torch.zeros(B, dtype=torch.long, device=dev)
+    fresh = torch.ones(B, dtype=torch.bool, device=dev)  # next step is a steepest-descent step
+
+    done = g.abs().amax(-1) <= grad_tol
+    for it in range(max_iter + 1):
+        if done.any():  # record finished problems and compact the state
+            fin = ids[done]
+            out_x[fin], out_f[fin] = x[done], f[done]
+            converged[fin] = True
+            keep = ~done
+            ids, x, f, g = ids[keep], x[keep], f[keep], g[keep]
+            s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
+            gamma, small, fresh = gamma[keep], small[keep], fresh[keep]
+        if ids.numel() == 0 or it == max_iter:
+            break
+        slot = it % history
+        d = _two_loop(g, s_hist, y_hist, rho, gamma, (it - 1) % history)
+        gd = torch.linalg.vecdot(g, d)
+        bad = ~(gd < 0) | ~torch.isfinite(gd)
+        if bad.any():  # not a descent direction: restart from steepest descent
+            d[bad] = -g[bad]
+            gd[bad] = -(g[bad] * g[bad]).sum(-1)
+            rho[:, bad] = 0
+            gamma[bad] = 1
+        restart = fresh | bad
+        t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), torch.ones_like(f))
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
+        for _ in range(max_ls):
+            pi = pending.nonzero().squeeze(-1)
+            whole = pi.numel() == ids.numel()
+            xt = x + t[:, None] * d if whole else x[pi] + t[pi, None] * d[pi]
+            ft, gt = fg(xt, ids if whole else ids[pi])
+            evals[ids[pi]] += 1
+            ok = torch.isfinite(ft) & (ft <= f[pi] + c1 * t[pi] * gd[pi])
+            acc = pi[ok]
+            x_new[acc], f_new[acc], g_new[acc] = xt[ok], ft[ok], gt[ok]
+            pending[acc] = False
+            rej = pi[~ok]
+            if rej.numel() == 0:
+                break
+            # safeguarded quadratic interpolation of the step, else halve it
+            tr, fr = t[rej], ft[~ok]
+            denom = 2.0 * (fr - f[rej] - gd[rej] * tr)
+            tq = -gd[rej] * tr * tr / denom
+            tq = torch.where(torch.isfinite(tq) & (denom > 0), tq, 0.5 * tr)
+            t[rej] = torch.minimum(torch.maximum(tq, 0.1 * tr), 0.5 * tr)
+        stalled = pending  # no sufficient decrease found: the objective is at its numerical floor
+        s = x_new - x
+        y = g_new - g
+        sy = torch.linalg.vecdot(s, y)
+        yy = torch.linalg.vecdot(y, y)
+        good = (sy > 1e-10 * yy.clamp_min(1e-30)) & (sy > 0) & ~stalled
+        s_hist[slot] = torch.where(good[:, None], s, 0.0)
+        y_hist[slot] = torch.where(good[:, None], y, 0.0)
+        rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
+        gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
+        rel = _rel_change(f, f_new)
+        x, f, g = x_new, f_new, g_new
+        fresh = torch.zeros_like(fresh)
+        iters[ids] += 1
+        small = torch.where(rel < rel_tol, small + 1, torch.zeros_like(small))
+        done = (small >= 2) | (g.abs().amax(-1) <= grad_tol) | stalled
+        if progress is not None:
+            progress(it + 1, int((~done).sum()))
+    if ids.numel():  # max_iter reached
+        out_x[ids], out_f[ids] = x, f
+    return OptimResult(x=out_x, f=out_f, iterations=iters, evaluations=evals, converged=converged)
+
+
+def proximal_gradient(
+    fg: Objective,
+    x0: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    max_iter: int = 5000,
+    rel_tol: float = 1e-7,
+    max_ls: int = 40,
+    progress: Callable[[int, int], None] | None = None,
+) -> OptimResult:
+    """Minimise smooth(x) + sum_i weight[b] * |x_i| for B problems: accelerated proximal gradient.
+
+    FISTA with backtracking on the local Lipschitz estimate and a monotone restart (the momentum is
+    dropped whenever the composite objective would rise), so the objective never increases.
+    ``fg`` evaluates the smooth part only; the returned ``f`` is the composite objective.
+    """
+    x = x0.clone()
+    B, _ = x.shape
+    dev, dt = x.device, x.dtype
+    every = torch.arange(B, device=dev)
+
+    def composite(fs, xs, ids):
+        return fs + weight[ids] * xs.abs().sum(-1)
+
+    fs, _ = fg(x, every)
+    F = composite(fs, x, every)
+    z = x.clone()  # extrapolated point
+    theta = torch.ones(B, device=dev, dtype=dt)
+    step = torch.ones(B, device=dev, dtype=dt)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
+    small = torch.zeros(B, dtype=torch.long, device=dev)
+    iters = torch.zeros(B, dtype=torch.long, device=dev)
+    evals = torch.ones(B, dtype=torch.long, device=dev)
+    for it in range(max_iter):
+        idx = active.nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            break
+        zi = z[idx]
+        fz, gz = fg(zi, idx)
+        evals[idx] += 1
+        L = 1.0 / step[idx]
+        x_new = zi.clone()
+        fx_new = fz.clone()
+        pending = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
+        for _ in range(max_ls):
+            pi = pending.nonzero().squeeze(-1)
+            lr = 1.0 / L[pi]
+            u = zi[pi] - lr[:, None] * gz[pi]
+            thr = (weight[idx[pi]] * lr)[:, None]
+            xt = torch.sign(u) * torch.clamp(u.abs() - thr, min=0.0)
+            ft, _ = fg(xt, idx[pi])
+            evals[idx[pi]] += 1
+            diff = xt - zi[pi]
+            bound = fz[pi] + (gz[pi] * diff).sum(-1) + 0.5 * L[pi] * (diff * diff).sum(-1)
+            ok = torch.isfinite(ft) & (ft <= bound + 1e-12 * bound.abs())
+            acc = pi[ok]
+            x_new[acc], fx_new[acc] = xt[ok], ft[ok]
+            pending[acc] = False
+            if not pending.any():
+                break
+            L[pi[~ok]] *= 2.0
+        F_new = composite(fx_new, x_new, idx)
+        Fi = F[idx]
+        worse = (F_new > Fi) | pending
+        # monotone restart: keep the old iterate, drop the momentum, retry from it next time
+        x_keep = torch.where(worse[:, None], x[idx], x_new)
+        F_keep = torch.where(worse, Fi, F_new)
+        th = theta[idx]
+        th_new = 0.5 * (1 + torch.sqrt(1 + 4 * th * th))
+        mom = torch.where(worse, torch.zeros_like(th), (th - 1) / th_new)
+        z[idx] = x_keep + mom[:, None] * (x_keep - x[idx])
+        theta[idx] = torch.where(worse, torch.ones_like(th), th_new)
+        step[idx] = 1.0 / (L * 0.9)  # let the step grow again a little
+        rel = _rel_change(Fi, F_keep)
+        x[idx], F[idx] = x_keep, F_keep
+        iters[idx] += 1
+        tiny = (rel < rel_tol) & ~worse
+        small[idx] = torch.where(tiny, small[idx] + 1, torch.where(worse, small[idx], 0))
+        stuck = worse & (th <= 1.0)  # a plain proximal step from the iterate failed to improve
+        done = (small[idx] >= 2) | stuck
+        converged[idx] |= done
+        active[idx] &= ~done
+        if progress is not None:
+            progress(it + 1, int(active.sum()))
+    return OptimResult(x=x, f=F, iterations=iters, evaluations=evals, converged=converged)

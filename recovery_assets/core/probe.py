@@ -1,0 +1,560 @@
+"""The linear probe of study.md §4: fitting a transform W to odd-one-out choices.
+
+Features X (n x p) are mapped to Z = X W^T; the similarity of concepts a and b is
+s_ab = z_a . z_b. For a triplet (i, j, k) the logits are [s_jk, s_ik, s_ij] / T, so position 0
+("i is the odd one out") is scored by the similarity of the other pair. The objective is the mean
+cross-entropy over the training triplets plus lambda * R(W), R not divided by the triplet count:
+
+- shrinkage:  R = ||W - (tr W / p) I||_F^2   (towards any scaled identity)
+- frobenius:  R = ||W||_F^2
+- l1:         R = sum |W_ij|
+
+Families: ``full`` (W is p x p), ``diagonal`` (W = diag(w)), ``rank:k`` (W is k x p, initialised
+to eye(k, p); shrinkage acts on W^T W), ``zero_shot`` (W = I, nothing fitted) and ``pca:k`` (the
+features are first projected onto their k leading principal axes, then a full k x k W is fitted).
+
+Every fit starts from the identity. Fitting is batched: many problems (candidate models x lambdas x
+folds) advance together in one optimiser (see ``optim``), on any torch device.
+
+The exact reduction for ``full`` with shrinkage or Frobenius penalties (study.md §4, "Making the
+fit exact and cheap"): let V (p x r) be an orthonormal basis of the row space of the training
+concepts' features. Gradient steps from W = I keep W = V A V^T + d (I - V V^T), and the loss
+depends on A alone through the training coordinates U = X_train V. The scalar d enters only the
+penalty, so it is profiled out in closed form:
+
+- shrinkage: ||W - alpha I||^2 = ||A||^2 + (p - r) d^2 - (tr A + (p - r) d)^2 / p is minimised
+  at d = tr A / r, where it equals ||A - (tr A / r) I_r||^2: the r x r problem's shrinkage penalty.
+- frobenius: ||A||^2 + (p - r) d^2 is minimised at d = 0.
+
+So the fit is an r x r problem with the same penalty form, and its optimum is the optimum of the
+p x p problem. Held-out concepts are scored with the full W: their part outside V is scaled by d,
+so s_ab = (A c_a) . (A c_b) + d^2 (x_a . x_b - c_a . c_b) with c = V^T x.
+The L1 penalty and the diagonal family are not rotation invariant; they are fitted in their own
+coordinates (L1 with an accelerated proximal-gradient method, being non-smooth).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from recovery_assets.core import optim
+
+FAMILIES = ("full", "diagonal", "rank", "zero_shot", "pca")
+PENALTIES = ("shrinkage", "frobenius", "l1")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A probe family (with its k for ``rank:k`` / ``pca:k``) and a penalty."""
+
+    family: str = "full"
+    penalty: str = "shrinkage"
+    k: int | None = None
+
+    @classmethod
+    def parse(cls, family: str, penalty: str = "shrinkage") -> ProbeSpec:
+        name, _, arg = family.partition(":")
+        if name not in FAMILIES:
+            raise ValueError(
+                f"unknown probe family {family!r}: expected one of full, diagonal, rank:k, "
+                "zero_shot, pca:k"
+            )
+        if penalty not in PENALTIES:
+            raise ValueError(f"unknown penalty {penalty!r}: expected one of {', '.join(PENALTIES)}")
+        k = None
+        if name in ("rank", "pca"):
+            if not arg.isdigit() or int(arg) < 1:
+                raise ValueError(f"probe family {family!r} needs a positive integer k: {name}:k")
+            k = int(arg)
+        elif arg:
+            raise ValueError(f"probe family {name!r} takes no argument (got {family!r})")
+        return cls(name, penalty, k)
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}:{self.k}" if self.k is not None else self.family
+
+    @property
+    def fitted(self) -> bool:
+        return self.family != "zero_shot"
+
+
+# ----------------------------------------------------------------------------------------------
+# triplet logits from a similarity matrix
+
+
+def pair_index(triplets: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat indices into an n x n similarity matrix of the pairs [jk, ik, ij] of each triplet."""
+    i, j, k = triplets.unbind(-1)
+    return torch.stack([j * n + k, i * n + k, i * n + j], dim=-1)
+
+
+def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
+    """Gather the (B, N, 3) logits [s_jk, s_ik, s_ij] from similarities S (B, n, n)."""
+    B, n, _ = S.shape
+    flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
+    return S.reshape(B, n * n).gather(1, flat).reshape(B, -1, 3)
+
+
+def _data_term(Z: torch.Tensor, pidx: torch.Tensor, ans: torch.Tensor, w: torch.Tensor):
+    """Weighted cross-entropy of the choices and its gradient with respect to Z.
+
+    Z (B, n, q); pidx (B or 1, N, 3) flat pair indices; ans (B or 1, N); w (B or 1, N) weights
+    summing to one per problem (1/N: the mean). S = Z Z^T is formed once; the gradient with respect
+    to S is a scatter-add over the triplets; dL/dZ = (G + G^T) Z.
+    """
+    B, n, _ = Z.shape
+    S = Z @ Z.transpose(1, 2)
+    logits = logits_from_similarity(S, pidx)
+    logp = torch.log_softmax(logits, dim=-1)
+    a = ans.expand(B, -1).unsqueeze(-1)
+    ww = w.expand(B, -1)
+    loss = -(ww * logp.gather(-1, a).squeeze(-1)).sum(-1)
+    gl = logp.exp()
+    gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
+    gl = gl * ww.unsqueeze(-1)
+    flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
+    G = torch.zeros(B, n * n, dtype=Z.dtype, device=Z.device)
+    G.scatter_add_(1, flat, gl.reshape(B, -1))
+    G = G.reshape(B, n, n)
+    dZ = (G + G.transpose(1, 2)) @ Z
+    return loss, dZ
+
+
+def choice_metrics(logits: torch.Tensor, ans: torch.Tensor, temperature: float = 1.0):
+    """Accuracy (argmax == answer) and mean NLL of (B, N, 3) logits at temperature T."""
+    a = ans.expand(logits.shape[0], -1).unsqueeze(-1)
+    acc = (logits.argmax(-1, keepdim=True) == a).to(torch.float64).mean((-1, -2))
+    logp = torch.log_softmax(logits.to(torch.float64) / temperature, dim=-1)
+    nll = -logp.gather(-1, a).squeeze(-1).mean(-1)
+    return acc, nll
+
+
+# ----------------------------------------------------------------------------------------------
+# penalties (value and gradient), batched over the leading dimension
+
+
+def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, eye: torch.Tensor):
+    """||M - (tr M / dim) I||^2 = ||M||^2 - (tr M)^2 / dim and its gradient."""
+    tr = torch.diagonal(M, dim1=1, dim2=2).sum(-1)
+    val = (M * M).sum((1, 2)) - tr * tr / dim
+    grad = 2 * M - 2 * (tr / dim)[:, None, None] * eye
+    return val, grad
+
+
+def _gram_shrinkage(M: torch.Tensor, p: int):
+    """||M^T M - (tr M^T M / p) I_p||^2 for a k x p M, computed through the k x k Gram M M^T."""
+    K = M @ M.transpose(1, 2)
+    tr = torch.diagonal(K, dim1=1, dim2=2).sum(-1)
+    val = (K * K).sum((1, 2)) - tr * tr / p
+    grad = 4 * (K @ M) - 4 * (tr / p)[:, None, None] * M
+    return val, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# fitted probes
+
+
+@dataclass
+class FittedProbe:
+    """One fitted transform in compact form, with what the fit reports.
+
+    ``kind`` is ``reduced`` (W = V A V^T + d (I - V V^T), optionally after a PCA projection P),
+    ``matrix`` (W stored whole, k x p or p x p), ``diagonal`` (W = diag(w)) or ``identity``.
+    """
+
+    spec: ProbeSpec
+    lam: float
+    kind: str
+    p: int
+    A: torch.Tensor | None = None
+    V: torch.Tensor | None = None
+    d: float = 0.0
+    P: torch.Tensor | None = None  # PCA axes (p x k) for pca:k
+    M: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    objective: float = float("nan")
+    iterations: int = 0
+    evaluations: int = 0
+    converged: bool = True
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def matrix(self) -> np.ndarray:
+        """The full transform W as float32 numpy, with Z = X @ W.T."""
+        return self.matrix_tensor().to(torch.float32).cpu().numpy()
+
+    def matrix_tensor(self) -> torch.Tensor:
+        if self.kind == "identity":
+            return torch.eye(self.p, dtype=torch.float64)
+        if self.kind == "diagonal":
+            return torch.diag(self.w)
+        if self.kind == "matrix":
+            W = self.M
+        else:  # reduced: W = d I + V (A - d I) V^T in the (possibly PCA-projected) space
+            V, A = self.V, self.A.to(self.V.dtype)
+            q = V.shape[0]
+            r = A.shape[0]
+            inner = A - self.d * torch.eye(r, dtype=A.dtype, device=A.device)
+            W = self.d * torch.eye(q, dtype=A.dtype, device=A.device) + (V @ inner) @ V.T
+        if self.P is not None:
+            W = W @ self.P.T.to(W.dtype)
+        return W
+
+    def transform(self, X: torch.Tensor) -> torch.Tensor:
+        """Z = X W^T for features X (n x p) in the fit's dtype and device."""
+        if self.kind == "identity":
+            return X
+        if self.kind == "diagonal":
+            return X * self.w.to(X.dtype)
+        if self.P is not None:
+            X = X @ self.P.to(X.dtype)
+        if self.kind == "matrix":
+            return X @ self.M.to(X.dtype).T
+        V, A = self.V.to(X.dtype), self.A.to(X.dtype)
+        C = X @ V
+        return (C @ A.T) @ V.T + self.d * (X - C @ V.T)
+
+    def similarity(self, X: torch.Tensor) -> torch.Tensor:
+        """The n x n similarities s_ab = z_a . z_b of the given concepts' features."""
+        if self.kind == "reduced":
+            Xp = X @ self.P.to(X.dtype) if self.P is not None else X
+            C = Xp @ self.V.to(X.dtype)
+            Y = C @ self.A.to(X.dtype).T
+            S = Y @ Y.T
+            if self.d != 0.0:
+                S = S + self.d**2 * (Xp @ Xp.T - C @ C.T)
+            return S
+        Z = self.transform(X)
+        return Z @ Z.T
+
+
+def _as_tensor(a, dtype, device) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) is CUDA when available, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def row_space_basis(Xt: torch.Tensor):
+    """Orthonormal basis V (p x r) of the row space of Xt (m x p), and the coordinates U = Xt V.
+
+    Computed in float64 from the eigendecomposition of the smaller Gram matrix, then made exactly
+    orthonormal by a QR step. r counts the singular values above sqrt(max(m, p) * eps) * s_max:
+    directions below that carry under 1e-12 of the training similarities' scale.
+    """
+    X64 = Xt.to(torch.float64)
+    m, p = X64.shape
+    small_side = m <= p
+    K = X64 @ X64.T if small_side else X64.T @ X64
+    lam, vec = torch.linalg.eigh(K)
+    lam, vec = lam.flip(0), vec.flip(1)
+    if lam.numel() == 0 or float(lam[0]) <= 0.0:
+        raise ValueError("the training concepts' features are all zero: nothing to fit")
+    s = lam.clamp_min(0).sqrt()
+    r = int((s > math.sqrt(max(m, p) * torch.finfo(torch.float64).eps) * s[0]).sum())
+    V = X64.T @ (vec[:, :r] / s[:r]) if small_side else vec[:, :r]
+    V, _ = torch.linalg.qr(V)
+    return V.contiguous(), X64 @ V
+
+
+def pca_axes(X: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading principal axes (p x k) of the centred features (float64)."""
+    X64 = X.to(torch.float64)
+    Xc = X64 - X64.mean(0, keepdim=True)
+    _, _, Vh = torch.linalg.svd(Xc, full_matrices=False)
+    if k > Vh.shape[0]:
+        raise ValueError(
+            f"pca:{k} asks for {k} components but the features have at most {Vh.shape[0]}"
+        )
+    return Vh[:k].T.contiguous()
+
+
+@dataclass
+class FitProblem:
+    """One fitting context: a model's features (all n concepts) and a set of training triplets,
+    to be fitted at every lambda of ``lams``."""
+
+    features: np.ndarray | torch.Tensor
+    triplets: np.ndarray | torch.Tensor  # (N, 3) global concept indices
+    answers: np.ndarray | torch.Tensor  # (N,) position of the odd one out
+    lams: Sequence[float]
+
+
+@dataclass
+class _Context:
+    """A problem prepared for the optimiser: features restricted to the training concepts."""
+
+    X: torch.Tensor  # (n_t, q) training concepts' features in the fitting coordinates
+    pidx: torch.Tensor  # (1, N, 3) pair indices into n_t x n_t
+    ans: torch.Tensor  # (1, N)
+    V: torch.Tensor | None  # reduced basis (q x r), None when fitted in own coordinates
+    P: torch.Tensor | None  # PCA axes
+    p: int
+
+
+def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) -> _Context:
+    X = _as_tensor(problem.features, torch.float64, device)
+    trip = torch.as_tensor(np.asarray(problem.triplets), dtype=torch.long, device=device)
+    ans = torch.as_tensor(np.asarray(problem.answers), dtype=torch.long, device=device)
+    p = X.shape[1]
+    P = None
+    if spec.family == "pca":
+        P = pca_axes(X, spec.k)
+        X = X @ P
+    concepts, local = torch.unique(trip.reshape(-1), return_inverse=True)
+    local = local.reshape(-1, 3)
+    Xt = X[concepts]
+    V = None
+    if reduce:
+        V, Xt = row_space_basis(Xt)
+    n_t = Xt.shape[0]
+    return _Context(
+        X=Xt.to(dtype),
+        pidx=pair_index(local, n_t).unsqueeze(0),
+        ans=ans.unsqueeze(0),
+        V=V,
+        P=P,
+        p=p,
+    )
+
+
+def _uses_reduction(spec: ProbeSpec) -> bool:
+    return spec.family in ("full", "pca") and spec.penalty in ("shrinkage", "frobenius")
+
+
+def fit_probes(
+    problems: Sequence[FitProblem],
+    spec: ProbeSpec,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_iter: int = 1000,
+    rel_tol: float = 1e-7,
+    history: int = 10,
+    batch_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[list[FittedProbe]]:
+    """Fit every problem at every one of its lambdas, from the identity; returns fits[problem][lam].
+
+    Problems x lambdas are fitted as batches: all lambdas of one problem share its features and
+    triplets (broadcast, never copied); ``batch_size`` caps how many fits advance together
+    (default: all lambdas of a problem). Batches are chunked per problem so memory stays bounded.
+    """
+    device = resolve_device(device)
+    reduce = _uses_reduction(spec)
+    out: list[list[FittedProbe]] = []
+    n_total = sum(len(pr.lams) for pr in problems)
+    done = 0
+    for pi, problem in enumerate(problems):
+        lams = [float(x) for x in problem.lams]
+        if any(not math.isfinite(x) or x < 0 for x in lams):
+            raise ValueError(f"lambda must be finite and >= 0, got {lams}")
+        if not spec.fitted:
+            p = np.asarray(problem.features).shape[1]
+            out.append([FittedProbe(spec, lam, "identity", p) for lam in lams])
+            continue
+        ctx = _prepare(problem, spec, device, dtype, reduce)
+        fits: list[FittedProbe] = []
+        step = batch_size or len(lams)
+        for start in range(0, len(lams), step):
+            chunk = lams[start : start + step]
+            t0 = time.perf_counter()
+            fits.extend(_fit_context(ctx, spec, chunk, max_iter, rel_tol, history))
+            secs = time.perf_counter() - t0
+            for f in fits[-len(chunk) :]:
+                f.seconds = secs / len(chunk)
+            done += len(chunk)
+            if log is not None:
+                its = [f.iterations for f in fits[-len(chunk) :]]
+                log(
+                    f"fitted {done}/{n_total} probes (problem {pi + 1}/{len(problems)}, "
+                    f"{spec.name}/{spec.penalty}, lambdas {chunk[0]:g}..{chunk[-1]:g}, "
+                    f"iterations {min(its)}-{max(its)}, {secs:.1f} s)"
+                )
+        out.append(fits)
+    return out
+
+
+@dataclass
+class _Objective:
+    """The batched objective of one context at B lambdas, in the optimiser's coordinates x."""
+
+    smooth: Callable  # (x, idx) -> (f, g): data term (+ smooth penalty)
+    x0: torch.Tensor  # (B, P) the identity in the optimiser's coordinates
+    lam: torch.Tensor  # (B,)
+    unpack: Callable  # x row -> the family's parameter (w, A or M) in the problem's coordinates
+    shape: tuple
+
+
+def _objective(ctx: _Context, spec: ProbeSpec, lams: list[float]) -> _Objective:
+    X = ctx.X
+    dev, dt = X.device, X.dtype
+    B = len(lams)
+    n_t, q = X.shape
+    lam = torch.tensor(lams, dtype=dt, device=dev)
+    N = ctx.ans.shape[1]
+    w = torch.full((1, N), 1.0 / N, dtype=dt, device=dev)
+    Xb = X.unsqueeze(0)
+    family, penalty = spec.family, spec.penalty
+
+    if family == "diagonal":
+        shape = (q,)
+        x0 = torch.ones(B, q, dtype=dt, device=dev)
+
+        def model(x):
+            return Xb * x[:, None, :]
+
+        def back(dZ, x):
+            return (dZ * Xb).sum(1)
+
+        def pen(x):
+            if penalty == "shrinkage":
+                c = x - x.mean(-1, keepdim=True)
+                return (c * c).sum(-1), 2 * c
+            return (x * x).sum(-1), 2 * x
+
+    else:
+        rows = spec.k if family == "rank" else q
+        shape = (rows, q)
+        # Column preconditioning of the reduced problem: A' = A D with D_e^2 = sigma_e^2 /
+        # mean(sigma^2) + 3, sigma_e the norm of the e-th training coordinate. The data term's
+        # curvature grows with sigma_e^2 and the penalty's is flat; this change of variables
+        # balances them (an exact reparametrisation: same objective, same optimum, far fewer
+        # L-BFGS iterations). Own-coordinate fits keep D = 1.
+        if ctx.V is not None:
+            sig2 = (X.to(torch.float64) ** 2).sum(0)
+            D = torch.sqrt(sig2 / sig2.mean() + 3.0).to(dt)
+        else:
+            D = torch.ones(q, dtype=dt, device=dev)
+        Xb = (X / D).unsqueeze(0)
+        x0 = torch.diag(D)[:rows].reshape(1, -1).repeat(B, 1)
+        eye = torch.eye(q, dtype=dt, device=dev) if rows == q else None
+        dim = torch.tensor(float(q), dtype=dt, device=dev)  # r when reduced, else p (or k)
+
+        def model(x):
+            return Xb @ x.reshape(-1, *shape).transpose(1, 2)
+
+        def back(dZ, x):
+            return (dZ.transpose(1, 2) @ Xb).reshape(x.shape[0], -1)
+
+        def pen(x):
+            M = x.reshape(-1, *shape) / D
+            if penalty == "frobenius":
+                v, g = (M * M).sum((1, 2)), 2 * M
+            elif family == "rank":
+                v, g = _gram_shrinkage(M, ctx.p)
+            else:
+                v, g = _square_shrinkage(M, dim, eye)
+            return v, (g / D).reshape(x.shape[0], -1)
+
+    def smooth(x, idx):
+        Z = model(x)
+        loss, dZ = _data_term(Z, ctx.pidx, ctx.ans, w)
+        g = back(dZ, x)
+        if penalty != "l1":
+            v, gp = pen(x)
+            loss = loss + lam[idx] * v
+            g = g + lam[idx, None] * gp
+        return loss, g
+
+    if family == "diagonal":
+
+        def unpack(xb):
+            return xb.clone()
+
+    else:
+
+        def unpack(xb):
+            return xb.reshape(shape) / D
+
+    return _Objective(smooth, x0, lam, unpack, shape)
+
+
+def _fit_context(
+    ctx: _Context, spec: ProbeSpec, lams: list[float], max_iter: int, rel_tol: float, history: int
+) -> list[FittedProbe]:
+    obj = _objective(ctx, spec, lams)
+    smooth, x0, lam = obj.smooth, obj.x0, obj.lam
+    family, penalty = spec.family, spec.penalty
+    if penalty == "l1":
+        res = optim.proximal_gradient(smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol)
+    else:
+        res = optim.lbfgs(smooth, x0, max_iter=max_iter, history=history, rel_tol=rel_tol)
+
+    fits = []
+    for b, lam_b in enumerate(lams):
+        xb = res.x[b]
+        common = dict(
+            objective=float(res.f[b]),
+            iterations=int(res.iterations[b]),
+            evaluations=int(res.evaluations[b]),
+            converged=bool(res.converged[b]),
+        )
+        if family == "diagonal":
+            fits.append(FittedProbe(spec, lam_b, "diagonal", ctx.p, w=obj.unpack(xb), **common))
+        elif ctx.V is not None:
+            A = obj.unpack(xb)
+            r = A.shape[0]
+            d = float(torch.trace(A) / r) if penalty == "shrinkage" else 0.0
+            fits.append(
+                FittedProbe(spec, lam_b, "reduced", ctx.p, A=A, V=ctx.V, d=d, P=ctx.P, **common)
+            )
+        else:
+            M = obj.unpack(xb)
+            fits.append(FittedProbe(spec, lam_b, "matrix", ctx.p, M=M, P=ctx.P, **common))
+    return fits
+
+
+def probe_objective(
+    W: np.ndarray | torch.Tensor,
+    features: np.ndarray | torch.Tensor,
+    triplets: np.ndarray | torch.Tensor,
+    answers: np.ndarray | torch.Tensor,
+    lam: float,
+    spec: ProbeSpec,
+) -> float:
+    """§4's objective at a given full transform W (Z = X W^T), in float64, by the plain formula:
+    mean cross-entropy over the triplets + lambda * R(W). For ``pca:k`` the penalty applies to the
+    k x k transform of the principal components, W P with P the PCA axes."""
+    X = _as_tensor(features, torch.float64, "cpu")
+    W = _as_tensor(W, torch.float64, "cpu")
+    trip = torch.as_tensor(np.asarray(triplets), dtype=torch.long)
+    ans = torch.as_tensor(np.asarray(answers), dtype=torch.long)
+    concepts, local = torch.unique(trip.reshape(-1), return_inverse=True)
+    Z = X[concepts] @ W.T
+    n = Z.shape[0]
+    logits = logits_from_similarity((Z @ Z.T).unsqueeze(0), pair_index(local.reshape(-1, 3), n))
+    ce = float(torch.nn.functional.cross_entropy(logits[0], ans))
+    if spec.family == "pca":
+        W = W @ pca_axes(X, spec.k)
+    if spec.family == "diagonal":
+        w = torch.diagonal(W)
+        M = w
+    else:
+        M = W
+    if spec.penalty == "l1":
+        reg = M.abs().sum()
+    elif spec.penalty == "frobenius":
+        reg = (M * M).sum()
+    elif spec.family == "diagonal":
+        reg = ((w - w.mean()) ** 2).sum()
+    elif spec.family == "rank":
+        G = W.T @ W
+        reg = ((G - torch.trace(G) / G.shape[0] * torch.eye(G.shape[0], dtype=G.dtype)) ** 2).sum()
+    else:
+        q = M.shape[0]
+        reg = ((M - torch.trace(M) / q * torch.eye(q, dtype=M.dtype)) ** 2).sum()
+    return ce + lam * float(reg)
