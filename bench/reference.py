@@ -20,17 +20,17 @@ def reference_objective(W, X, trip, ans, lam):
     S = Z @ Z.T
     i, j, k = trip.T
     logits = torch.stack([S[j, k], S[i, k], S[i, j]], 1)
-    eye = torch.eye(p, dtype=W.dtype)
+    eye = torch.eye(p, dtype=W.dtype, device=W.device)
     return F.cross_entropy(logits, ans) + lam * ((W - torch.trace(W) / p * eye) ** 2).sum()
 
 
-def reference_fit(X: np.ndarray, trip: np.ndarray, ans: np.ndarray, lam: float, max_outer=100):
+def reference_fit(X, trip, ans, lam: float, max_outer: int = 100, device: str = "cpu"):
     """Returns (W, objective, seconds, outer steps)."""
     t0 = time.perf_counter()
-    Xt = torch.as_tensor(X, dtype=torch.float32)
-    T = torch.as_tensor(trip, dtype=torch.long)
-    a = torch.as_tensor(ans, dtype=torch.long)
-    W = torch.eye(Xt.shape[1], requires_grad=True)
+    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=device)
+    T = torch.as_tensor(np.asarray(trip), dtype=torch.long, device=device)
+    a = torch.as_tensor(np.asarray(ans), dtype=torch.long, device=device)
+    W = torch.eye(Xt.shape[1], device=device, requires_grad=True)
     opt = torch.optim.LBFGS(
         [W],
         lr=1,
@@ -57,4 +57,6 @@ def reference_fit(X: np.ndarray, trip: np.ndarray, ans: np.ndarray, lam: float, 
         if prev is not None and abs(prev - cur) / max(abs(prev), 1e-12) < 1e-7:
             break
         prev = cur
-    return W.detach().numpy(), cur, time.perf_counter() - t0, steps
+    if W.device.type == "cuda":
+        torch.cuda.synchronize()
+    return W.detach().cpu().numpy(), cur, time.perf_counter() - t0, steps

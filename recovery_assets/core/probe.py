@@ -295,14 +295,21 @@ class FitProblem:
 
 @dataclass
 class _Context:
-    """A problem prepared for the optimiser: features restricted to the training concepts."""
+    """Problems prepared for the optimiser: features restricted to the training concepts.
 
-    X: torch.Tensor  # (n_t, q) training concepts' features in the fitting coordinates
-    pidx: torch.Tensor  # (1, N, 3) pair indices into n_t x n_t
-    ans: torch.Tensor  # (1, N)
-    V: torch.Tensor | None  # reduced basis (q x r), None when fitted in own coordinates
-    P: torch.Tensor | None  # PCA axes
-    p: int
+    A context holds G groups stacked along a leading dimension (G = 1 for one problem): each group
+    is one problem's training features in its fitting coordinates (zero rows pad the concept count
+    to a common n) and its triplets (zero-weight rows pad the triplet count to a common N).
+    """
+
+    X: torch.Tensor  # (G, n, q) training concepts' features in the fitting coordinates
+    trip: torch.Tensor  # (G, N, 3) triplets in local concept indices
+    pidx: torch.Tensor  # (G, N, 3) pair indices into n x n
+    ans: torch.Tensor  # (G, N)
+    w: torch.Tensor  # (G, N) triplet weights: 1/N_g for real triplets, 0 for padding
+    V: list  # per group: reduced basis (p x r), or None when fitted in own coordinates
+    P: list  # per group: PCA axes or None
+    p: list  # per group: the raw embedding dimension
 
 
 def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) -> _Context:
@@ -321,18 +328,55 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
     if reduce:
         V, Xt = row_space_basis(Xt)
     n_t = Xt.shape[0]
+    N = ans.shape[0]
     return _Context(
-        X=Xt.to(dtype),
+        X=Xt.to(dtype).unsqueeze(0),
+        trip=local.unsqueeze(0),
         pidx=pair_index(local, n_t).unsqueeze(0),
         ans=ans.unsqueeze(0),
-        V=V,
-        P=P,
-        p=p,
+        w=torch.full((1, N), 1.0 / N, dtype=dtype, device=device),
+        V=[V],
+        P=[P],
+        p=[p],
+    )
+
+
+def _merge(contexts: list[_Context]) -> _Context:
+    """Stack single-problem contexts of equal fitting dimension q into one (padding n and N)."""
+    if len(contexts) == 1:
+        return contexts[0]
+    n = max(c.X.shape[1] for c in contexts)
+    N = max(c.ans.shape[1] for c in contexts)
+    Xs, trips, ans, ws = [], [], [], []
+    for c in contexts:
+        nc, Nc = c.X.shape[1], c.ans.shape[1]
+        Xs.append(torch.nn.functional.pad(c.X[0], (0, 0, 0, n - nc)))
+        trip = torch.nn.functional.pad(c.trip[0], (0, 0, 0, N - Nc))
+        trip[Nc:] = torch.tensor([0, 1, 2], device=trip.device)  # weight-0 padding rows
+        trips.append(trip)
+        ans.append(torch.nn.functional.pad(c.ans[0], (0, N - Nc)))
+        ws.append(torch.nn.functional.pad(c.w[0], (0, N - Nc)))
+    trip = torch.stack(trips)
+    return _Context(
+        X=torch.stack(Xs),
+        trip=trip,
+        pidx=pair_index(trip, n),
+        ans=torch.stack(ans),
+        w=torch.stack(ws),
+        V=[v for c in contexts for v in c.V],
+        P=[q for c in contexts for q in c.P],
+        p=[q for c in contexts for q in c.p],
     )
 
 
 def _uses_reduction(spec: ProbeSpec) -> bool:
     return spec.family in ("full", "pca") and spec.penalty in ("shrinkage", "frobenius")
+
+
+def _default_batch(device: torch.device) -> int:
+    """How many fits advance together by default: on a GPU as many as fit in a fixed budget of
+    its memory; on the CPU one problem's lambdas at a time (batching buys nothing there)."""
+    return 4096 if device.type == "cuda" else 0
 
 
 def fit_probes(
@@ -344,83 +388,119 @@ def fit_probes(
     max_iter: int = 1000,
     rel_tol: float = 1e-7,
     history: int = 10,
-    batch_size: int | None = None,
+    max_batch: int | None = None,
+    memory_budget: float = 0.5,
     log: Callable[[str], None] | None = None,
 ) -> list[list[FittedProbe]]:
     """Fit every problem at every one of its lambdas, from the identity; returns fits[problem][lam].
 
-    Problems x lambdas are fitted as batches: all lambdas of one problem share its features and
-    triplets (broadcast, never copied); ``batch_size`` caps how many fits advance together
-    (default: all lambdas of a problem). Batches are chunked per problem so memory stays bounded.
+    Problems x lambdas advance together in batches: one optimiser, one batched objective, no
+    per-problem Python loop inside an iteration. All lambdas of one problem share its features and
+    triplets (broadcast, not copied). Problems whose fitting dimension agrees (after the reduction,
+    every candidate with p >= r has the same r x r shape) are stacked into the same batch, up to
+    ``max_batch`` fits (default: unlimited on a GPU within ``memory_budget`` of its free memory;
+    one problem's lambdas at a time on the CPU, where stacking buys no speed).
     """
     device = resolve_device(device)
     reduce = _uses_reduction(spec)
-    out: list[list[FittedProbe]] = []
-    n_total = sum(len(pr.lams) for pr in problems)
-    done = 0
-    for pi, problem in enumerate(problems):
+    for problem in problems:
         lams = [float(x) for x in problem.lams]
-        if any(not math.isfinite(x) or x < 0 for x in lams):
-            raise ValueError(f"lambda must be finite and >= 0, got {lams}")
-        if not spec.fitted:
+        if not lams or any(not math.isfinite(x) or x < 0 for x in lams):
+            raise ValueError(f"lambdas must be finite and >= 0 (and at least one), got {lams}")
+    out: list[list[FittedProbe] | None] = [None] * len(problems)
+    if not spec.fitted:
+        for i, problem in enumerate(problems):
             p = np.asarray(problem.features).shape[1]
-            out.append([FittedProbe(spec, lam, "identity", p) for lam in lams])
-            continue
-        ctx = _prepare(problem, spec, device, dtype, reduce)
-        fits: list[FittedProbe] = []
-        step = batch_size or len(lams)
-        for start in range(0, len(lams), step):
-            chunk = lams[start : start + step]
-            t0 = time.perf_counter()
-            fits.extend(_fit_context(ctx, spec, chunk, max_iter, rel_tol, history))
-            secs = time.perf_counter() - t0
-            for f in fits[-len(chunk) :]:
-                f.seconds = secs / len(chunk)
-            done += len(chunk)
-            if log is not None:
-                its = [f.iterations for f in fits[-len(chunk) :]]
-                log(
-                    f"fitted {done}/{n_total} probes (problem {pi + 1}/{len(problems)}, "
-                    f"{spec.name}/{spec.penalty}, lambdas {chunk[0]:g}..{chunk[-1]:g}, "
-                    f"iterations {min(its)}-{max(its)}, {secs:.1f} s)"
-                )
-        out.append(fits)
+            out[i] = [FittedProbe(spec, float(lam), "identity", p) for lam in problem.lams]
+        return out
+    n_total = sum(len(pr.lams) for pr in problems)
+    contexts = [_prepare(pr, spec, device, dtype, reduce) for pr in problems]
+    # batches: problems grouped by fitting dimension, then cut by size
+    by_q: dict[int, list[int]] = {}
+    for i, c in enumerate(contexts):
+        by_q.setdefault(c.X.shape[2], []).append(i)
+    batches: list[list[int]] = []
+    for members in by_q.values():
+        cur: list[int] = []
+        for i in members:
+            limit = max_batch if max_batch is not None else _default_batch(device)
+            if device.type == "cuda" and max_batch is None:
+                free, _ = torch.cuda.mem_get_info(device)
+                c = contexts[i]
+                per_fit = (2 * history + 8) * c.X.shape[2] ** 2 * c.X.element_size()
+                per_fit += c.X.shape[1] ** 2 * 4 * c.X.element_size()
+                limit = max(1, int(memory_budget * free // per_fit))
+            size = sum(len(problems[j].lams) for j in cur) + len(problems[i].lams)
+            if cur and size > max(limit, 1):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+    done = 0
+    for members in batches:
+        ctx = _merge([contexts[i] for i in members])
+        lams = [float(lam) for i in members for lam in problems[i].lams]
+        gid = [g for g, i in enumerate(members) for _ in problems[i].lams]
+        t0 = time.perf_counter()
+        fits = _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid)
+        secs = time.perf_counter() - t0
+        for f in fits:
+            f.seconds = secs / len(fits)
+        pos = 0
+        for i in members:
+            k = len(problems[i].lams)
+            out[i] = fits[pos : pos + k]
+            pos += k
+        done += len(fits)
+        if log is not None:
+            its = [f.iterations for f in fits]
+            log(
+                f"fitted {done}/{n_total} probes ({spec.name}/{spec.penalty}; this batch: "
+                f"{len(members)} problems x lambdas = {len(fits)} fits, iterations "
+                f"{min(its)}-{max(its)}, {secs:.1f} s)"
+            )
     return out
 
 
 @dataclass
 class _Objective:
-    """The batched objective of one context at B lambdas, in the optimiser's coordinates x."""
+    """The batched objective of B fits, in the optimiser's coordinates x."""
 
     smooth: Callable  # (x, idx) -> (f, g): data term (+ smooth penalty)
     x0: torch.Tensor  # (B, P) the identity in the optimiser's coordinates
     lam: torch.Tensor  # (B,)
-    unpack: Callable  # x row -> the family's parameter (w, A or M) in the problem's coordinates
+    unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
     shape: tuple
 
 
-def _objective(ctx: _Context, spec: ProbeSpec, lams: list[float]) -> _Objective:
-    X = ctx.X
-    dev, dt = X.device, X.dtype
+def _objective(
+    ctx: _Context, spec: ProbeSpec, lams: list[float], gid: list[int] | None = None
+) -> _Objective:
+    """Fit b uses group gid[b] of the context (default: all use group 0)."""
+    Xg = ctx.X
+    G, _, q = Xg.shape
+    dev, dt = Xg.device, Xg.dtype
     B = len(lams)
-    n_t, q = X.shape
     lam = torch.tensor(lams, dtype=dt, device=dev)
-    N = ctx.ans.shape[1]
-    w = torch.full((1, N), 1.0 / N, dtype=dt, device=dev)
-    Xb = X.unsqueeze(0)
+    gidx = torch.tensor(gid if gid is not None else [0] * B, dtype=torch.long, device=dev)
     family, penalty = spec.family, spec.penalty
+
+    def sel(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Per-fit rows of a per-group tensor; broadcast (no copy) when there is one group."""
+        return a if G == 1 else a[gidx[idx]]
 
     if family == "diagonal":
         shape = (q,)
         x0 = torch.ones(B, q, dtype=dt, device=dev)
+        Dg = torch.ones(G, q, dtype=dt, device=dev)
 
-        def model(x):
-            return Xb * x[:, None, :]
+        def model(x, Xs):
+            return Xs * x[:, None, :]
 
-        def back(dZ, x):
-            return (dZ * Xb).sum(1)
+        def back(dZ, x, Xs):
+            return (dZ * Xs).sum(1)
 
-        def pen(x):
+        def pen(x, D):
             if penalty == "shrinkage":
                 c = x - x.mean(-1, keepdim=True)
                 return (c * c).sum(-1), 2 * c
@@ -434,59 +514,63 @@ def _objective(ctx: _Context, spec: ProbeSpec, lams: list[float]) -> _Objective:
         # curvature grows with sigma_e^2 and the penalty's is flat; this change of variables
         # balances them (an exact reparametrisation: same objective, same optimum, far fewer
         # L-BFGS iterations). Own-coordinate fits keep D = 1.
-        if ctx.V is not None:
-            sig2 = (X.to(torch.float64) ** 2).sum(0)
-            D = torch.sqrt(sig2 / sig2.mean() + 3.0).to(dt)
+        if ctx.V[0] is not None:
+            sig2 = (Xg.to(torch.float64) ** 2).sum(1)
+            Dg = torch.sqrt(sig2 / sig2.mean(-1, keepdim=True).clamp_min(1e-300) + 3.0).to(dt)
         else:
-            D = torch.ones(q, dtype=dt, device=dev)
-        Xb = (X / D).unsqueeze(0)
-        x0 = torch.diag(D)[:rows].reshape(1, -1).repeat(B, 1)
+            Dg = torch.ones(G, q, dtype=dt, device=dev)
+        Xg = Xg / Dg[:, None, :]
+        x0 = torch.diag_embed(Dg)[:, :rows].reshape(G, -1)[gidx].clone()
         eye = torch.eye(q, dtype=dt, device=dev) if rows == q else None
         dim = torch.tensor(float(q), dtype=dt, device=dev)  # r when reduced, else p (or k)
+        p_raw = ctx.p[0]
 
-        def model(x):
-            return Xb @ x.reshape(-1, *shape).transpose(1, 2)
+        def model(x, Xs):
+            return Xs @ x.reshape(-1, *shape).transpose(1, 2)
 
-        def back(dZ, x):
-            return (dZ.transpose(1, 2) @ Xb).reshape(x.shape[0], -1)
+        def back(dZ, x, Xs):
+            return (dZ.transpose(1, 2) @ Xs).reshape(x.shape[0], -1)
 
-        def pen(x):
-            M = x.reshape(-1, *shape) / D
+        def pen(x, D):
+            M = x.reshape(-1, *shape) / D[:, None, :]
             if penalty == "frobenius":
                 v, g = (M * M).sum((1, 2)), 2 * M
             elif family == "rank":
-                v, g = _gram_shrinkage(M, ctx.p)
+                v, g = _gram_shrinkage(M, p_raw)
             else:
                 v, g = _square_shrinkage(M, dim, eye)
-            return v, (g / D).reshape(x.shape[0], -1)
+            return v, (g / D[:, None, :]).reshape(x.shape[0], -1)
 
     def smooth(x, idx):
-        Z = model(x)
-        loss, dZ = _data_term(Z, ctx.pidx, ctx.ans, w)
-        g = back(dZ, x)
+        Xs = sel(Xg, idx)
+        Z = model(x, Xs)
+        loss, dZ = _data_term(Z, sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx))
+        g = back(dZ, x, Xs)
         if penalty != "l1":
-            v, gp = pen(x)
+            v, gp = pen(x, sel(Dg, idx))
             loss = loss + lam[idx] * v
             g = g + lam[idx, None] * gp
         return loss, g
 
-    if family == "diagonal":
-
-        def unpack(xb):
+    def unpack(xb, b=0):
+        if family == "diagonal":
             return xb.clone()
-
-    else:
-
-        def unpack(xb):
-            return xb.reshape(shape) / D
+        return xb.reshape(shape) / Dg[gidx[b]]
 
     return _Objective(smooth, x0, lam, unpack, shape)
 
 
 def _fit_context(
-    ctx: _Context, spec: ProbeSpec, lams: list[float], max_iter: int, rel_tol: float, history: int
+    ctx: _Context,
+    spec: ProbeSpec,
+    lams: list[float],
+    max_iter: int,
+    rel_tol: float,
+    history: int,
+    gid: list[int] | None = None,
 ) -> list[FittedProbe]:
-    obj = _objective(ctx, spec, lams)
+    gid = gid if gid is not None else [0] * len(lams)
+    obj = _objective(ctx, spec, lams, gid)
     smooth, x0, lam = obj.smooth, obj.x0, obj.lam
     family, penalty = spec.family, spec.penalty
     if penalty == "l1":
@@ -496,39 +580,43 @@ def _fit_context(
 
     fits = []
     for b, lam_b in enumerate(lams):
-        xb = res.x[b]
+        g = gid[b]
+        param = obj.unpack(res.x[b], b)
         common = dict(
             objective=float(res.f[b]),
             iterations=int(res.iterations[b]),
             evaluations=int(res.evaluations[b]),
             converged=bool(res.converged[b]),
         )
+        p, V, P = ctx.p[g], ctx.V[g], ctx.P[g]
         if family == "diagonal":
-            fits.append(FittedProbe(spec, lam_b, "diagonal", ctx.p, w=obj.unpack(xb), **common))
-        elif ctx.V is not None:
-            A = obj.unpack(xb)
-            r = A.shape[0]
-            d = float(torch.trace(A) / r) if penalty == "shrinkage" else 0.0
-            fits.append(
-                FittedProbe(spec, lam_b, "reduced", ctx.p, A=A, V=ctx.V, d=d, P=ctx.P, **common)
-            )
+            fits.append(FittedProbe(spec, lam_b, "diagonal", p, w=param, **common))
+        elif V is not None:
+            d = float(torch.trace(param) / param.shape[0]) if penalty == "shrinkage" else 0.0
+            fits.append(FittedProbe(spec, lam_b, "reduced", p, A=param, V=V, d=d, P=P, **common))
         else:
-            M = obj.unpack(xb)
-            fits.append(FittedProbe(spec, lam_b, "matrix", ctx.p, M=M, P=ctx.P, **common))
+            fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, **common))
     return fits
 
 
-def probe_objective(
+def probe_objective(W, features, triplets, answers, lam: float, spec: ProbeSpec) -> float:
+    """§4's objective at a given full transform W (Z = X W^T), in float64: see ``probe_metrics``."""
+    return probe_metrics(W, features, triplets, answers, lam, spec)["objective"]
+
+
+def probe_metrics(
     W: np.ndarray | torch.Tensor,
     features: np.ndarray | torch.Tensor,
     triplets: np.ndarray | torch.Tensor,
     answers: np.ndarray | torch.Tensor,
     lam: float,
     spec: ProbeSpec,
-) -> float:
-    """§4's objective at a given full transform W (Z = X W^T), in float64, by the plain formula:
-    mean cross-entropy over the triplets + lambda * R(W). For ``pca:k`` the penalty applies to the
-    k x k transform of the principal components, W P with P the PCA axes."""
+) -> dict[str, float]:
+    """Objective, accuracy and NLL (T = 1) of a full transform W on a triplet set, in float64.
+
+    The objective is computed by the plain formula of §4: mean cross-entropy over the triplets +
+    lambda * R(W). For ``pca:k`` the penalty applies to the k x k transform of the principal
+    components, W P with P the PCA axes."""
     X = _as_tensor(features, torch.float64, "cpu")
     W = _as_tensor(W, torch.float64, "cpu")
     trip = torch.as_tensor(np.asarray(triplets), dtype=torch.long)
@@ -536,8 +624,10 @@ def probe_objective(
     concepts, local = torch.unique(trip.reshape(-1), return_inverse=True)
     Z = X[concepts] @ W.T
     n = Z.shape[0]
-    logits = logits_from_similarity((Z @ Z.T).unsqueeze(0), pair_index(local.reshape(-1, 3), n))
+    pidx = pair_index(local.reshape(-1, 3), n).unsqueeze(0)
+    logits = logits_from_similarity((Z @ Z.T).unsqueeze(0), pidx)
     ce = float(torch.nn.functional.cross_entropy(logits[0], ans))
+    accuracy = float((logits[0].argmax(-1) == ans).to(torch.float64).mean())
     if spec.family == "pca":
         W = W @ pca_axes(X, spec.k)
     if spec.family == "diagonal":
@@ -557,4 +647,4 @@ def probe_objective(
     else:
         q = M.shape[0]
         reg = ((M - torch.trace(M) / q * torch.eye(q, dtype=M.dtype)) ** 2).sum()
-    return ce + lam * float(reg)
+    return {"objective": ce + lam * float(reg), "accuracy": accuracy, "nll": ce}

@@ -1,0 +1,138 @@
+"""Probe-fitting speed: the project's fitter against the plain reference, side by side, one run.
+
+    .venv/bin/python bench/probe_speed.py [--device cpu|cuda] [--reference-folds 1|2|3]
+
+Lines 1-2: one fit at p = 1,024 and p = 4,096 (n = 1,854 concepts of which 865 train,
+N = 25,600 training triplets, shrinkage, lambda = 1e-4). Both objectives are re-evaluated by the
+same float64 formula of study.md §4 at the returned W.
+Line 3: one batched recovery job (4 candidates with p = 256, 512, 1,024, 2,048; 11 lambdas
+1e-6 ... 1e4; 3 folds: 132 fits; N = 6,400) against the reference fitting the same problems one by
+one. ``--reference-folds 1`` times the reference on fold 0 only (44 fits, every candidate and
+lambda) and scales its time by 3; the line says so. Targets (2 CPU cores): objective never above
+the reference's + 1e-4; >= 20x at p = 4,096, >= 3x at p = 1,024, >= 10x for the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from problems import choices, features, latent_codes  # noqa: E402
+from reference import reference_fit  # noqa: E402
+
+from recovery_assets.core.probe import (  # noqa: E402
+    FitProblem,
+    ProbeSpec,
+    fit_probes,
+    probe_objective,
+)
+from recovery_assets.core.triplets import concept_folds, sample_unique_triplets  # noqa: E402
+
+N_CONCEPTS = 1854
+SPEC = ProbeSpec.parse("full", "shrinkage")
+LAMS = [10.0**e for e in range(-6, 5)]
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(X, trip, ans, lams, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fits = fit_probes([FitProblem(X, trip, ans, lams)], SPEC, device=device)[0]
+    Ws = [f.matrix() for f in fits]
+    _sync(device)
+    return Ws, time.perf_counter() - t0
+
+
+def single(p: int, latent, device: str) -> dict:
+    fold = concept_folds(N_CONCEPTS, 0)[0]
+    trip = sample_unique_triplets(fold.train, 25_600, 0)
+    ans = choices(latent, trip, 0)
+    X = features(latent, p, 0)
+    (W,), t_ours = ours(X, trip, ans, [1e-4], device)
+    W_ref, _, t_ref, _ = reference_fit(X, trip, ans, 1e-4, device=device)
+    o_ours = probe_objective(W, X, trip, ans, 1e-4, SPEC)
+    o_ref = probe_objective(W_ref, X, trip, ans, 1e-4, SPEC)
+    return dict(p=p, t_ours=t_ours, t_ref=t_ref, o_ours=o_ours, o_ref=o_ref)
+
+
+def job(latent, device: str, reference_folds: int) -> dict:
+    dims = [256, 512, 1024, 2048]
+    folds = concept_folds(N_CONCEPTS, 1)
+    data = []
+    for f, fold in enumerate(folds):
+        trip = sample_unique_triplets(fold.train, 6_400, 100 + f)
+        data.append((trip, choices(latent, trip, 100 + f)))
+    feats = {p: features(latent, p, p) for p in dims}
+    problems = [FitProblem(feats[p], t, a, LAMS) for (t, a) in data for p in dims]
+    _sync(device)
+    t0 = time.perf_counter()
+    fits = fit_probes(problems, SPEC, device=device)
+    Ws = [[f.matrix() for f in fl] for fl in fits]
+    _sync(device)
+    t_ours = time.perf_counter() - t0
+    worst_gap = -np.inf
+    t_ref = 0.0
+    n_ref = 0
+    for i, problem in enumerate(problems):
+        f = i // len(dims)
+        if f >= reference_folds:
+            continue
+        for lam, W in zip(LAMS, Ws[i], strict=True):
+            W_ref, _, secs, _ = reference_fit(
+                problem.features, problem.triplets, problem.answers, lam, device=device
+            )
+            t_ref += secs
+            n_ref += 1
+            o_ours = probe_objective(W, *_args(problem), lam, SPEC)
+            o_ref = probe_objective(W_ref, *_args(problem), lam, SPEC)
+            worst_gap = max(worst_gap, o_ours - o_ref)
+    scale = len(folds) / reference_folds
+    return dict(t_ours=t_ours, t_ref=t_ref * scale, n_ref=n_ref, scale=scale, gap=worst_gap)
+
+
+def _args(problem):
+    return problem.features, problem.triplets, problem.answers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reference-folds", type=int, default=3, choices=[1, 2, 3])
+    ap.add_argument("--skip-job", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    latent = latent_codes(N_CONCEPTS)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}", flush=True)
+    for p in (1024, 4096):
+        r = single(p, latent, args.device)
+        print(
+            f"single fit p={p:>4}: ours {r['t_ours']:7.1f} s (objective {r['o_ours']:.6f}) | "
+            f"reference {r['t_ref']:7.1f} s (objective {r['o_ref']:.6f}) | "
+            f"speed-up {r['t_ref'] / r['t_ours']:5.1f}x | objective ours - ref "
+            f"{r['o_ours'] - r['o_ref']:+.2e}",
+            flush=True,
+        )
+    if not args.skip_job:
+        r = job(latent, args.device, args.reference_folds)
+        note = "" if r["scale"] == 1 else f", reference timed on {r['n_ref']} fits x {r['scale']:g}"
+        print(
+            f"recovery job 132 fits: ours {r['t_ours']:7.1f} s | reference {r['t_ref']:7.1f} s"
+            f"{note} | speed-up {r['t_ref'] / r['t_ours']:5.1f}x | worst objective ours - ref "
+            f"{r['gap']:+.2e}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

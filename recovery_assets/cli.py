@@ -1,0 +1,182 @@
+"""The ``recovery`` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+
+class InputError(Exception):
+    """Bad user input: reported as one line on stderr with exit code 2, nothing written."""
+
+
+def _fail(command: str, message: str) -> None:
+    click.echo(f"recovery {command}: error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def load_npy(path: str, option: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{option} {path}: no such file")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user error
+        raise InputError(f"{option} {path}: not a readable .npy array ({exc})") from None
+
+
+def validate_probe_inputs(X, T, A, paths: dict[str, str]) -> None:
+    """Shapes, dtypes, ranges and finiteness of a probe problem (features, triplets, answers)."""
+    fx, ft, fa = paths["features"], paths["triplets"], paths["answers"]
+    if X.ndim != 2 or X.shape[0] < 3 or X.shape[1] < 1:
+        raise InputError(f"--features {fx}: expected a 2-D array (n >= 3, p), got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise InputError(f"--features {fx}: expected a float array, got dtype {X.dtype}")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise InputError(
+            f"--features {fx}: {int(bad.sum())} NaN or inf values (first at row {row}, "
+            f"column {col})"
+        )
+    if T.ndim != 2 or T.shape[1] != 3 or T.shape[0] < 1:
+        raise InputError(f"--triplets {ft}: expected an int array of shape (m, 3), got {T.shape}")
+    if not np.issubdtype(T.dtype, np.integer):
+        raise InputError(f"--triplets {ft}: expected an integer array, got dtype {T.dtype}")
+    n = X.shape[0]
+    out = (T < 0) | (T >= n)
+    if out.any():
+        row = int(np.argwhere(out.any(1))[0, 0])
+        raise InputError(
+            f"--triplets {ft}: concept index out of range [0, {n}) in row {row}: "
+            f"{T[row].tolist()} ({int(out.any(1).sum())} rows in all)"
+        )
+    rep = (T[:, 0] == T[:, 1]) | (T[:, 0] == T[:, 2]) | (T[:, 1] == T[:, 2])
+    if rep.any():
+        row = int(np.argmax(rep))
+        raise InputError(f"--triplets {ft}: row {row} repeats a concept: {T[row].tolist()}")
+    if A.ndim != 1 or A.shape[0] != T.shape[0]:
+        raise InputError(
+            f"--answers {fa}: expected a 1-D array with one answer per triplet "
+            f"({T.shape[0]}), got shape {A.shape}"
+        )
+    if not np.issubdtype(A.dtype, np.integer):
+        raise InputError(f"--answers {fa}: expected an integer array, got dtype {A.dtype}")
+    bad_a = (A < 0) | (A > 2)
+    if bad_a.any():
+        row = int(np.argmax(bad_a))
+        raise InputError(
+            f"--answers {fa}: answers must be 0, 1 or 2 (the odd one's position); row {row} "
+            f"is {int(A[row])}"
+        )
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+    """Write an .npy file so that it either appears whole or not at all."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.group()
+def main() -> None:
+    """recovery-assets: model-recovery studies of representational alignment."""
+
+
+@main.command("fit-probe")
+@click.option("--features", "features", required=True, help="X.npy: float array (n, p)")
+@click.option("--triplets", "triplets", required=True, help="T.npy: int array (m, 3)")
+@click.option("--answers", "answers", required=True, help="A.npy: int array (m,) in {0,1,2}")
+@click.option("--family", default="full", show_default=True, help="full|diagonal|rank:k|...")
+@click.option("--penalty", default="shrinkage", show_default=True)
+@click.option("--lam", default=1e-4, show_default=True, type=float)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
+@click.option("--out", "out", required=True, help="where to write W.npy (float32)")
+def fit_probe(features, triplets, answers, family, penalty, lam, device, out) -> None:
+    """Fit one probe (study.md §4) from the identity and write the full transform W.
+
+    Prints one JSON line: objective, train_accuracy, iterations, seconds.
+    """
+    import torch
+
+    from recovery_assets.core.probe import (
+        FitProblem,
+        ProbeSpec,
+        fit_probes,
+        probe_metrics,
+        resolve_device,
+    )
+
+    try:
+        spec = ProbeSpec.parse(family, penalty)
+        if not math.isfinite(lam) or lam < 0:
+            raise InputError(f"--lam must be a finite number >= 0, got {lam}")
+        try:
+            dev = resolve_device(device)
+            torch.empty(0, device=dev)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"--device {device}: not usable here ({exc})") from None
+        paths = {"features": features, "triplets": triplets, "answers": answers}
+        X = load_npy(features, "--features")
+        T = load_npy(triplets, "--triplets")
+        A = load_npy(answers, "--answers")
+        validate_probe_inputs(X, T, A, paths)
+        if spec.family == "pca" and spec.k > min(X.shape):
+            raise InputError(f"--family {family}: k exceeds the rank bound {min(X.shape)}")
+        if spec.family == "rank" and spec.k > X.shape[1]:
+            raise InputError(f"--family {family}: k exceeds the embedding dimension {X.shape[1]}")
+    except (InputError, ValueError) as exc:
+        _fail("fit-probe", str(exc))
+
+    t0 = time.perf_counter()
+    fit = fit_probes([FitProblem(X, T, A, [lam])], spec, device=dev)[0][0]
+    W = fit.matrix()
+    seconds = time.perf_counter() - t0
+    metrics = probe_metrics(W, X, T, A, lam, spec)
+    save_npy_atomic(out, W)
+    record = {
+        "objective": metrics["objective"],
+        "train_accuracy": metrics["accuracy"],
+        "iterations": fit.iterations,
+        "seconds": round(seconds, 4),
+        "converged": fit.converged,
+        "family": spec.name,
+        "penalty": spec.penalty,
+        "lam": lam,
+        "device": str(dev),
+        "shape": list(W.shape),
+    }
+    click.echo(json.dumps(record))
+
+
+@main.command("demo")
+@click.option("--concepts", default=90, show_default=True, help="toy universe size")
+@click.option("--simulations", default=3, show_default=True)
+def demo(concepts: int, simulations: int) -> None:
+    """Run a small recovery study through the core and print the recovery curve."""
+    from recovery_assets import quickdemo
+
+    table = quickdemo.run(n_concepts=concepts, simulations=simulations, echo=click.echo)
+    click.echo("\nrecovery curve:")
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()

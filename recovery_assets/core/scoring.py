@@ -1,0 +1,148 @@
+"""Scoring fitted probes on triplet sets, and the candidate fits of one recovery job (study.md §7).
+
+For one generator g, training size N and simulation s, every candidate model m is fitted from the
+identity on each fold's synthetic training triplets at every lambda of the candidate grid, and
+scored (accuracy and NLL at T = 1) on the fold's validation and test triplets. All candidates x
+folds x lambdas go to the batched fitter in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recovery_assets.core.probe import (
+    FitProblem,
+    FittedProbe,
+    ProbeSpec,
+    choice_metrics,
+    fit_probes,
+    logits_from_similarity,
+    pair_index,
+    resolve_device,
+)
+
+
+def similarities(fits: Sequence[FittedProbe], X: torch.Tensor) -> torch.Tensor:
+    """(B, n, n) similarities of the given concepts' features (n x p) under each fit.
+
+    Fits that share a reduced basis V (the lambdas of one problem) are done together:
+    S = (C A^T)(C A^T)^T + d^2 (X X^T - C C^T), with C = X V formed once.
+    """
+    out: list[torch.Tensor | None] = [None] * len(fits)
+    groups: dict[int, list[int]] = {}
+    for b, f in enumerate(fits):
+        if f.kind == "reduced":
+            groups.setdefault(id(f.V), []).append(b)
+        else:
+            out[b] = f.similarity(X.to(_device_of(f)))
+    for members in groups.values():
+        f0 = fits[members[0]]
+        V = f0.V
+        Xp = X.to(device=V.device, dtype=V.dtype)
+        if f0.P is not None:
+            Xp = Xp @ f0.P.to(V.dtype)
+        C = Xp @ V
+        Kres = Xp @ Xp.T - C @ C.T
+        A = torch.stack([fits[b].A.to(V.dtype) for b in members])
+        d = torch.tensor([fits[b].d for b in members], dtype=V.dtype, device=V.device)
+        Y = C.unsqueeze(0) @ A.transpose(1, 2)
+        S = Y @ Y.transpose(1, 2) + (d * d)[:, None, None] * Kres
+        for pos, b in enumerate(members):
+            out[b] = S[pos]
+    dev = out[0].device
+    return torch.stack([s.to(dev, torch.float64) for s in out])
+
+
+def _device_of(f: FittedProbe) -> torch.device:
+    for t in (f.A, f.M, f.w, f.V):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def evaluate_fits(
+    fits: Sequence[FittedProbe],
+    features: np.ndarray | torch.Tensor,
+    sets: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    temperature: float = 1.0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Accuracy and mean NLL of every fit on every named triplet set: {name: (acc[B], nll[B])}.
+
+    Only the concepts that occur in the sets are transformed; similarities are formed once per fit
+    and the three pair similarities of each triplet are gathered from them.
+    """
+    X = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    all_idx = np.concatenate([np.asarray(t).reshape(-1) for t, _ in sets.values()])
+    concepts, inverse = np.unique(all_idx, return_inverse=True)
+    S = similarities(fits, X[torch.as_tensor(concepts)])
+    n = len(concepts)
+    out = {}
+    pos = 0
+    for name, (trip, ans) in sets.items():
+        m = len(trip)
+        local = torch.as_tensor(inverse[pos : pos + 3 * m].reshape(m, 3), device=S.device)
+        pos += 3 * m
+        logits = logits_from_similarity(S, pair_index(local, n).unsqueeze(0))
+        a = torch.as_tensor(np.asarray(ans), dtype=torch.long, device=S.device).unsqueeze(0)
+        acc, nll = choice_metrics(logits, a, temperature)
+        out[name] = (acc.cpu().numpy(), nll.cpu().numpy())
+    return out
+
+
+def score_candidates(
+    features: Mapping[str, np.ndarray],
+    folds: Sequence[Mapping],
+    lams: Sequence[float],
+    spec: ProbeSpec,
+    *,
+    simulation: int = 0,
+    generator: str = "",
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_iter: int = 1000,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Fit every candidate on every fold at every lambda and score it (study.md §7).
+
+    ``folds`` are the synthetic folds of one job (``simulation.synthetic_job``): dicts with
+    ``train``, ``val`` and ``test`` entries, each {"triplets", "answers"}. Returns one row per
+    (candidate, lambda, fold): simulation, generator, candidate, lam, fold, val_acc, test_acc,
+    val_nll, test_nll, objective, iterations, converged.
+    """
+    device = resolve_device(device)
+    names = list(features)
+    lam_grid = [0.0] if not spec.fitted else [float(x) for x in lams]
+    problems, keys = [], []
+    for f, fold in enumerate(folds):
+        for m in names:
+            tr = fold["train"]
+            problems.append(FitProblem(features[m], tr["triplets"], tr["answers"], lam_grid))
+            keys.append((m, f))
+    fits = fit_probes(problems, spec, device=device, dtype=dtype, max_iter=max_iter, log=log)
+    rows = []
+    for (m, f), fl in zip(keys, fits, strict=True):
+        fold = folds[f]
+        sets = {s: (fold[s]["triplets"], fold[s]["answers"]) for s in ("val", "test")}
+        res = evaluate_fits(fl, features[m], sets)
+        for b, fit in enumerate(fl):
+            rows.append(
+                {
+                    "simulation": simulation,
+                    "generator": generator,
+                    "candidate": m,
+                    "lam": fit.lam,
+                    "fold": int(fold.get("fold", f)),
+                    "val_acc": float(res["val"][0][b]),
+                    "test_acc": float(res["test"][0][b]),
+                    "val_nll": float(res["val"][1][b]),
+                    "test_nll": float(res["test"][1][b]),
+                    "objective": fit.objective,
+                    "iterations": fit.iterations,
+                    "converged": fit.converged,
+                }
+            )
+    return pd.DataFrame(rows)
