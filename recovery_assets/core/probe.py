@@ -415,51 +415,64 @@ def fit_probes(
         return out
     n_total = sum(len(pr.lams) for pr in problems)
     contexts = [_prepare(pr, spec, device, dtype, reduce) for pr in problems]
-    # batches: problems grouped by fitting dimension, then cut by size
+    # Work units (problem, lambda positions), grouped by fitting dimension and packed into batches
+    # of at most `limit` fits; a problem's lambdas are split across batches when they exceed it.
     by_q: dict[int, list[int]] = {}
     for i, c in enumerate(contexts):
         by_q.setdefault(c.X.shape[2], []).append(i)
-    batches: list[list[int]] = []
+    batches: list[list[tuple[int, list[int]]]] = []
     for members in by_q.values():
-        cur: list[int] = []
+        c = contexts[members[0]]
+        if max_batch is not None:
+            limit = max(1, int(max_batch))
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            n, q = c.X.shape[1], c.X.shape[2]
+            per_fit = ((2 * history + 8) * q * q + 4 * n * n) * c.X.element_size()
+            limit = max(1, int(memory_budget * free // per_fit))
+        else:
+            limit = 0  # CPU: one problem (all its lambdas) per batch
+        cur: list[tuple[int, list[int]]] = []
+        size = 0
         for i in members:
-            limit = max_batch if max_batch is not None else _default_batch(device)
-            if device.type == "cuda" and max_batch is None:
-                free, _ = torch.cuda.mem_get_info(device)
-                c = contexts[i]
-                per_fit = (2 * history + 8) * c.X.shape[2] ** 2 * c.X.element_size()
-                per_fit += c.X.shape[1] ** 2 * 4 * c.X.element_size()
-                limit = max(1, int(memory_budget * free // per_fit))
-            size = sum(len(problems[j].lams) for j in cur) + len(problems[i].lams)
-            if cur and size > max(limit, 1):
-                batches.append(cur)
-                cur = []
-            cur.append(i)
-        batches.append(cur)
+            pos = list(range(len(problems[i].lams)))
+            if limit == 0:
+                batches.append([(i, pos)])
+                continue
+            while pos:
+                if size == limit:
+                    batches.append(cur)
+                    cur, size = [], 0
+                take = pos[: limit - size]
+                pos = pos[len(take) :]
+                cur.append((i, take))
+                size += len(take)
+        if cur:
+            batches.append(cur)
     done = 0
-    for members in batches:
-        ctx = _merge([contexts[i] for i in members])
-        lams = [float(lam) for i in members for lam in problems[i].lams]
-        gid = [g for g, i in enumerate(members) for _ in problems[i].lams]
+    results: list[list[FittedProbe | None]] = [[None] * len(pr.lams) for pr in problems]
+    for units in batches:
+        ctx = _merge([contexts[i] for i, _ in units])
+        lams = [float(problems[i].lams[b]) for i, pos in units for b in pos]
+        gid = [g for g, (_, pos) in enumerate(units) for _ in pos]
         t0 = time.perf_counter()
         fits = _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid)
         secs = time.perf_counter() - t0
-        for f in fits:
-            f.seconds = secs / len(fits)
-        pos = 0
-        for i in members:
-            k = len(problems[i].lams)
-            out[i] = fits[pos : pos + k]
-            pos += k
+        it = iter(fits)
+        for i, pos in units:
+            for b in pos:
+                fit = next(it)
+                fit.seconds = secs / len(fits)
+                results[i][b] = fit
         done += len(fits)
         if log is not None:
             its = [f.iterations for f in fits]
             log(
                 f"fitted {done}/{n_total} probes ({spec.name}/{spec.penalty}; this batch: "
-                f"{len(members)} problems x lambdas = {len(fits)} fits, iterations "
-                f"{min(its)}-{max(its)}, {secs:.1f} s)"
+                f"{len(units)} problems, {len(fits)} fits, iterations {min(its)}-{max(its)}, "
+                f"{secs:.1f} s)"
             )
-    return out
+    return results
 
 
 @dataclass
@@ -520,7 +533,8 @@ def _objective(
         else:
             Dg = torch.ones(G, q, dtype=dt, device=dev)
         Xg = Xg / Dg[:, None, :]
-        x0 = torch.diag_embed(Dg)[:, :rows].reshape(G, -1)[gidx].clone()
+        eye_kq = torch.eye(rows, q, dtype=dt, device=dev)  # eye(k, p) for rank:k, any k
+        x0 = (eye_kq.unsqueeze(0) * Dg[:, None, :]).reshape(G, -1)[gidx].clone()
         eye = torch.eye(q, dtype=dt, device=dev) if rows == q else None
         dim = torch.tensor(float(q), dtype=dt, device=dev)  # r when reduced, else p (or k)
         p_raw = ctx.p[0]

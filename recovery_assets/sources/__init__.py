@@ -1,0 +1,1 @@
+"""Data sources: the offline demo stimuli and observer, and timm feature extraction."""
