@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench demo ui instance clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,17 @@ test: lint
 bench: setup
 	$(PY) bench/probe_speed.py
 
-demo: setup
-	$(VENV)/bin/recovery demo
+instance:
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+# The whole default study (studies/demo.yaml, or $$RECOVERY_STUDY) into the persistent instance.
+demo: setup instance
+	$(VENV)/bin/recovery study
+
+# The Dagster UI on the same instance: http://127.0.0.1:3000
+ui: setup instance
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 clean:
 	rm -rf $(VENV) build dagster_home data

@@ -166,16 +166,81 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
     click.echo(json.dumps(record))
 
 
-@main.command("demo")
+@main.command("quickdemo")
 @click.option("--concepts", default=90, show_default=True, help="toy universe size")
 @click.option("--simulations", default=3, show_default=True)
-def demo(concepts: int, simulations: int) -> None:
-    """Run a small recovery study through the core and print the recovery curve."""
-    from recovery_assets import quickdemo
+def quickdemo(concepts: int, simulations: int) -> None:
+    """Run a toy recovery study straight through the core (no Dagster) and print it."""
+    from recovery_assets import quickdemo as qd
 
-    table = quickdemo.run(n_concepts=concepts, simulations=simulations, echo=click.echo)
+    table = qd.run(n_concepts=concepts, simulations=simulations, echo=click.echo)
     click.echo("\nrecovery curve:")
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _open_study(study_path: str | None):
+    from recovery_assets.study import StudyError, load_study
+
+    try:
+        return load_study(study_path)
+    except StudyError as exc:
+        _fail("study", str(exc))
+
+
+@main.command("study")
+@click.option(
+    "--study", "study_path", default=None, help="studies/*.yaml (default: $RECOVERY_STUDY or demo)"
+)
+def study_cmd(study_path: str | None) -> None:
+    """Materialize the whole study into the Dagster instance ($DAGSTER_HOME) and DuckDB."""
+    import logging
+
+    import dagster as dg
+
+    from recovery_assets.run import materialize_study
+
+    study = _open_study(study_path)
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    with dg.DagsterInstance.get() as instance:
+        store = materialize_study(study, instance, echo=click.echo)
+    click.echo(f"\nrecovery curve ({store.db_path}):")
+    _print_sql(store.db_path, Path(__file__).resolve().parent.parent / "sql" / "recovery_curve.sql")
+    click.echo(f"\nplots: {store.path('plots')}/")
+    for png in sorted(store.path("plots").glob("*.png")):
+        click.echo(f"  {png.name}")
+
+
+def _print_sql(db: Path, sql_file: Path) -> None:
+    import duckdb
+
+    if not db.is_file():
+        _fail("sql", f"{db}: no DuckDB database yet; materialize the study first (make demo)")
+    if not sql_file.is_file():
+        _fail("sql", f"{sql_file}: no such file")
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        df = con.execute(sql_file.read_text()).fetchdf()
+    except duckdb.Error as exc:
+        _fail("sql", f"{sql_file}: {exc}")
+    finally:
+        con.close()
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        click.echo(df.to_string(index=False) if len(df) else "(no rows)")
+
+
+@main.command("sql")
+@click.argument("sql_file")
+@click.option(
+    "--study", "study_path", default=None, help="studies/*.yaml (default: $RECOVERY_STUDY or demo)"
+)
+def sql_cmd(sql_file: str, study_path: str | None) -> None:
+    """Run a SQL file against the study's DuckDB views and print the result as a table."""
+    from recovery_assets.storage import Store, data_root
+
+    study = _open_study(study_path)
+    _print_sql(Store(data_root(study)).db_path, Path(sql_file))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def lbfgs(
     max_iter: int = 1000,
     history: int = 10,
     rel_tol: float = 1e-7,
-    grad_tol: float = 1e-9,
+    grad_tol: float = 0.0,
     c1: float = 1e-4,
     max_ls: int = 30,
     progress: Callable[[int, int], None] | None = None,
@@ -109,7 +109,8 @@ def lbfgs(
             rho[:, bad] = 0
             gamma[bad] = 1
         restart = fresh | bad
-        t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), torch.ones_like(f))
+        one = torch.ones(ids.numel(), device=dev, dtype=dt)
+        t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), one)
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
         for _ in range(max_ls):
@@ -130,7 +131,7 @@ def lbfgs(
             denom = 2.0 * (fr - f[rej] - gd[rej] * tr)
             tq = -gd[rej] * tr * tr / denom
             tq = torch.where(torch.isfinite(tq) & (denom > 0), tq, 0.5 * tr)
-            t[rej] = torch.minimum(torch.maximum(tq, 0.1 * tr), 0.5 * tr)
+            t[rej] = torch.minimum(torch.maximum(tq.to(dt), 0.1 * tr), 0.5 * tr)
         stalled = pending  # no sufficient decrease found: the objective is at its numerical floor
         s = x_new - x
         y = g_new - g

@@ -45,6 +45,7 @@ import torch
 
 from recovery_assets.core import optim
 
+CPU_BATCH_FLOPS = 4e8  # target work of one stacked evaluation on the CPU
 FAMILIES = ("full", "diagonal", "rank", "zero_shot", "pca")
 PENALTIES = ("shrinkage", "frobenius", "l1")
 
@@ -111,14 +112,17 @@ def _data_term(Z: torch.Tensor, pidx: torch.Tensor, ans: torch.Tensor, w: torch.
     """
     B, n, _ = Z.shape
     S = Z @ Z.transpose(1, 2)
-    logits = logits_from_similarity(S, pidx)
+    # The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start
+    # (tiny features, logits ~1e-8) its changes are far below float32 resolution, and the
+    # optimiser's convergence test must still see them. The matmuls stay in the working dtype.
+    logits = logits_from_similarity(S, pidx).to(torch.float64)
     logp = torch.log_softmax(logits, dim=-1)
     a = ans.expand(B, -1).unsqueeze(-1)
-    ww = w.expand(B, -1)
+    ww = w.expand(B, -1).to(torch.float64)
     loss = -(ww * logp.gather(-1, a).squeeze(-1)).sum(-1)
     gl = logp.exp()
     gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
-    gl = gl * ww.unsqueeze(-1)
+    gl = (gl * ww.unsqueeze(-1)).to(Z.dtype)
     flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
     G = torch.zeros(B, n * n, dtype=Z.dtype, device=Z.device)
     G.scatter_add_(1, flat, gl.reshape(B, -1))
@@ -310,6 +314,7 @@ class _Context:
     V: list  # per group: reduced basis (p x r), or None when fitted in own coordinates
     P: list  # per group: PCA axes or None
     p: list  # per group: the raw embedding dimension
+    r: list  # per group: the fitting dimension before padding (= X.shape[2] unless merged)
 
 
 def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) -> _Context:
@@ -338,19 +343,25 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         V=[V],
         P=[P],
         p=[p],
+        r=[Xt.shape[1]],
     )
 
 
 def _merge(contexts: list[_Context]) -> _Context:
-    """Stack single-problem contexts of equal fitting dimension q into one (padding n and N)."""
+    """Stack single-problem contexts into one, padding n (zero rows: concepts in no triplet), N
+    (zero-weight triplets) and, for reduced problems, the coordinates q (zero columns: the
+    objective masks them so their block of A stays exactly zero)."""
     if len(contexts) == 1:
         return contexts[0]
     n = max(c.X.shape[1] for c in contexts)
     N = max(c.ans.shape[1] for c in contexts)
+    q = max(c.X.shape[2] for c in contexts)
+    if any(c.X.shape[2] != q for c in contexts) and contexts[0].V[0] is None:
+        raise ValueError("only reduced problems can be padded to a common dimension")
     Xs, trips, ans, ws = [], [], [], []
     for c in contexts:
-        nc, Nc = c.X.shape[1], c.ans.shape[1]
-        Xs.append(torch.nn.functional.pad(c.X[0], (0, 0, 0, n - nc)))
+        nc, Nc, qc = c.X.shape[1], c.ans.shape[1], c.X.shape[2]
+        Xs.append(torch.nn.functional.pad(c.X[0], (0, q - qc, 0, n - nc)))
         trip = torch.nn.functional.pad(c.trip[0], (0, 0, 0, N - Nc))
         trip[Nc:] = torch.tensor([0, 1, 2], device=trip.device)  # weight-0 padding rows
         trips.append(trip)
@@ -366,17 +377,12 @@ def _merge(contexts: list[_Context]) -> _Context:
         V=[v for c in contexts for v in c.V],
         P=[q for c in contexts for q in c.P],
         p=[q for c in contexts for q in c.p],
+        r=[r for c in contexts for r in c.r],
     )
 
 
 def _uses_reduction(spec: ProbeSpec) -> bool:
     return spec.family in ("full", "pca") and spec.penalty in ("shrinkage", "frobenius")
-
-
-def _default_batch(device: torch.device) -> int:
-    """How many fits advance together by default: on a GPU as many as fit in a fixed budget of
-    its memory; on the CPU one problem's lambdas at a time (batching buys nothing there)."""
-    return 4096 if device.type == "cuda" else 0
 
 
 def fit_probes(
@@ -415,40 +421,55 @@ def fit_probes(
         return out
     n_total = sum(len(pr.lams) for pr in problems)
     contexts = [_prepare(pr, spec, device, dtype, reduce) for pr in problems]
-    # Work units (problem, lambda positions), grouped by fitting dimension and packed into batches
-    # of at most `limit` fits; a problem's lambdas are split across batches when they exceed it.
-    by_q: dict[int, list[int]] = {}
-    for i, c in enumerate(contexts):
-        by_q.setdefault(c.X.shape[2], []).append(i)
-    batches: list[list[tuple[int, list[int]]]] = []
-    for members in by_q.values():
-        c = contexts[members[0]]
+
+    # Work units (problem, lambda positions) are packed into batches of at most `limit` fits.
+    # Reduced problems of similar size are stacked with padding (sorted by size, so padding is
+    # small); own-coordinate problems stack only with equal dimension. A problem's lambdas are
+    # split across batches when they exceed the limit.
+    def dims(i):
+        c = contexts[i]
+        return c.X.shape[2], c.X.shape[1], c.ans.shape[1]
+
+    def stackable(a, b):
+        return reduce or dims(a)[0] == dims(b)[0]
+
+    def limit_for(members):
+        q = max(dims(i)[0] for i in members)
+        n = max(dims(i)[1] for i in members)
+        N = max(dims(i)[2] for i in members)
+        size = contexts[members[0]].X.element_size()
         if max_batch is not None:
-            limit = max(1, int(max_batch))
-        elif device.type == "cuda":
+            return max(1, int(max_batch))
+        if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            n, q = c.X.shape[1], c.X.shape[2]
-            per_fit = ((2 * history + 8) * q * q + 4 * n * n) * c.X.element_size()
-            limit = max(1, int(memory_budget * free // per_fit))
-        else:
-            limit = 0  # CPU: one problem (all its lambdas) per batch
-        cur: list[tuple[int, list[int]]] = []
-        size = 0
-        for i in members:
-            pos = list(range(len(problems[i].lams)))
-            if limit == 0:
-                batches.append([(i, pos)])
-                continue
-            while pos:
-                if size == limit:
-                    batches.append(cur)
-                    cur, size = [], 0
-                take = pos[: limit - size]
-                pos = pos[len(take) :]
-                cur.append((i, take))
-                size += len(take)
-        if cur:
+            per_fit = ((2 * history + 8) * q * q + 4 * n * n + 8 * N) * size
+            return max(1, int(memory_budget * free // per_fit))
+        # CPU: stack small problems until one evaluation is ~CPU_BATCH_FLOPS, so the Python
+        # overhead of an iteration is shared; large problems go one (all lambdas) at a time.
+        return max(1, int(CPU_BATCH_FLOPS // (2 * (n * q * q + n * n * q) + 30 * N)))
+
+    order = sorted(range(len(problems)), key=lambda i: dims(i))
+    batches: list[list[tuple[int, list[int]]]] = []
+    cur: list[tuple[int, list[int]]] = []
+    size = 0
+    for i in order:
+        pos = list(range(len(problems[i].lams)))
+        if cur and (
+            not stackable(cur[0][0], i) or size + len(pos) > limit_for([u for u, _ in cur] + [i])
+        ):
             batches.append(cur)
+            cur, size = [], 0
+        limit = limit_for([u for u, _ in cur] + [i])
+        while pos:
+            if size >= limit and cur:
+                batches.append(cur)
+                cur, size = [], 0
+            take = pos[: max(1, limit - size)]
+            pos = pos[len(take) :]
+            cur.append((i, take))
+            size += len(take)
+    if cur:
+        batches.append(cur)
     done = 0
     results: list[list[FittedProbe | None]] = [[None] * len(pr.lams) for pr in problems]
     for units in batches:
@@ -513,7 +534,7 @@ def _objective(
         def back(dZ, x, Xs):
             return (dZ * Xs).sum(1)
 
-        def pen(x, D):
+        def pen(x, D, idx):
             if penalty == "shrinkage":
                 c = x - x.mean(-1, keepdim=True)
                 return (c * c).sum(-1), 2 * c
@@ -527,16 +548,20 @@ def _objective(
         # curvature grows with sigma_e^2 and the penalty's is flat; this change of variables
         # balances them (an exact reparametrisation: same objective, same optimum, far fewer
         # L-BFGS iterations). Own-coordinate fits keep D = 1.
+        # Padded coordinates (merged problems of smaller r) have mask 0: they start at 0, get
+        # zero gradient from the data and are excluded from the penalty's identity and trace.
+        r = torch.tensor(ctx.r, dtype=dt, device=dev)  # (G,) true fitting dimension
+        mask = (torch.arange(q, device=dev)[None, :] < r[:, None]).to(dt)  # (G, q)
         if ctx.V[0] is not None:
             sig2 = (Xg.to(torch.float64) ** 2).sum(1)
-            Dg = torch.sqrt(sig2 / sig2.mean(-1, keepdim=True).clamp_min(1e-300) + 3.0).to(dt)
+            mean = sig2.sum(-1, keepdim=True) / r[:, None].to(torch.float64)
+            Dg = torch.sqrt(sig2 + 3.0 * mean).clamp_min(1e-30).to(dt)
         else:
             Dg = torch.ones(G, q, dtype=dt, device=dev)
         Xg = Xg / Dg[:, None, :]
         eye_kq = torch.eye(rows, q, dtype=dt, device=dev)  # eye(k, p) for rank:k, any k
-        x0 = (eye_kq.unsqueeze(0) * Dg[:, None, :]).reshape(G, -1)[gidx].clone()
-        eye = torch.eye(q, dtype=dt, device=dev) if rows == q else None
-        dim = torch.tensor(float(q), dtype=dt, device=dev)  # r when reduced, else p (or k)
+        x0 = (eye_kq.unsqueeze(0) * (Dg * mask)[:, None, :]).reshape(G, -1)[gidx].clone()
+        eye_g = torch.diag_embed(mask) if rows == q else None  # (G, q, q) masked identity
         p_raw = ctx.p[0]
 
         def model(x, Xs):
@@ -545,14 +570,14 @@ def _objective(
         def back(dZ, x, Xs):
             return (dZ.transpose(1, 2) @ Xs).reshape(x.shape[0], -1)
 
-        def pen(x, D):
+        def pen(x, D, idx):
             M = x.reshape(-1, *shape) / D[:, None, :]
             if penalty == "frobenius":
                 v, g = (M * M).sum((1, 2)), 2 * M
             elif family == "rank":
                 v, g = _gram_shrinkage(M, p_raw)
-            else:
-                v, g = _square_shrinkage(M, dim, eye)
+            else:  # r when reduced (padding excluded), else p (or k)
+                v, g = _square_shrinkage(M, sel(r, idx), sel(eye_g, idx))
             return v, (g / D[:, None, :]).reshape(x.shape[0], -1)
 
     def smooth(x, idx):
@@ -561,15 +586,19 @@ def _objective(
         loss, dZ = _data_term(Z, sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx))
         g = back(dZ, x, Xs)
         if penalty != "l1":
-            v, gp = pen(x, sel(Dg, idx))
-            loss = loss + lam[idx] * v
+            v, gp = pen(x, sel(Dg, idx), idx)
+            loss = loss + (lam[idx] * v).to(torch.float64)
             g = g + lam[idx, None] * gp
         return loss, g
 
     def unpack(xb, b=0):
         if family == "diagonal":
             return xb.clone()
-        return xb.reshape(shape) / Dg[gidx[b]]
+        g = int(gidx[b])
+        out = xb.reshape(shape) / Dg[g]
+        if ctx.V[g] is not None:  # reduced: drop the padding coordinates
+            out = out[: ctx.r[g], : ctx.r[g]]
+        return out.clone()
 
     return _Objective(smooth, x0, lam, unpack, shape)
 

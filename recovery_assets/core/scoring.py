@@ -95,7 +95,7 @@ def evaluate_fits(
 
 def score_candidates(
     features: Mapping[str, np.ndarray],
-    folds: Sequence[Mapping],
+    folds: Sequence[Mapping] | Mapping[int, Sequence[Mapping]],
     lams: Sequence[float],
     spec: ProbeSpec,
     *,
@@ -109,29 +109,32 @@ def score_candidates(
     """Fit every candidate on every fold at every lambda and score it (study.md §7).
 
     ``folds`` are the synthetic folds of one job (``simulation.synthetic_job``): dicts with
-    ``train``, ``val`` and ``test`` entries, each {"triplets", "answers"}. Returns one row per
-    (candidate, lambda, fold): simulation, generator, candidate, lam, fold, val_acc, test_acc,
-    val_nll, test_nll, objective, iterations, converged.
+    ``train``, ``val`` and ``test`` entries, each {"triplets", "answers"}; or a mapping
+    simulation -> folds, to fit several simulations of a job in one batched call. Returns one row
+    per (simulation, candidate, lambda, fold): simulation, generator, candidate, lam, fold,
+    val_acc, test_acc, val_nll, test_nll, objective, iterations, converged.
     """
     device = resolve_device(device)
+    by_sim = folds if isinstance(folds, Mapping) else {simulation: folds}
     names = list(features)
     lam_grid = [0.0] if not spec.fitted else [float(x) for x in lams]
     problems, keys = [], []
-    for f, fold in enumerate(folds):
-        for m in names:
-            tr = fold["train"]
-            problems.append(FitProblem(features[m], tr["triplets"], tr["answers"], lam_grid))
-            keys.append((m, f))
+    for s, sim_folds in by_sim.items():
+        for f, fold in enumerate(sim_folds):
+            for m in names:
+                tr = fold["train"]
+                problems.append(FitProblem(features[m], tr["triplets"], tr["answers"], lam_grid))
+                keys.append((s, m, f))
     fits = fit_probes(problems, spec, device=device, dtype=dtype, max_iter=max_iter, log=log)
     rows = []
-    for (m, f), fl in zip(keys, fits, strict=True):
-        fold = folds[f]
-        sets = {s: (fold[s]["triplets"], fold[s]["answers"]) for s in ("val", "test")}
+    for (s, m, f), fl in zip(keys, fits, strict=True):
+        fold = by_sim[s][f]
+        sets = {k: (fold[k]["triplets"], fold[k]["answers"]) for k in ("val", "test")}
         res = evaluate_fits(fl, features[m], sets)
         for b, fit in enumerate(fl):
             rows.append(
                 {
-                    "simulation": simulation,
+                    "simulation": int(s),
                     "generator": generator,
                     "candidate": m,
                     "lam": fit.lam,

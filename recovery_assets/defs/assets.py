@@ -1,0 +1,261 @@
+"""The study as software-defined assets. Each asset calls one step of ``recovery_assets.pipeline``
+(which calls the core), writes files and tables through the store, and reports metadata/checks."""
+
+import warnings
+
+import dagster as dg
+import numpy as np
+
+from recovery_assets import pipeline, plots
+from recovery_assets.defs.partitions import (
+    job_partitions,
+    model_partitions,
+    size_partitions,
+    split_job_key,
+)
+from recovery_assets.defs.resources import DeviceResource, StorageResource, StudyResource
+from recovery_assets.study import Study
+
+GPU_POOL = "gpu"
+with warnings.catch_warnings():  # the mapping is marked beta in 1.13; it is what we need here
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    BY_MODEL = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
+    BY_SIZE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="n_train")
+
+
+def _plain(value):
+    """Metadata values as plain Python (numpy scalars and arrays are not serialisable)."""
+    if isinstance(value, dg.MetadataValue):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _finish(store, metadata: dict, check_results=None) -> dg.MaterializeResult:
+    store.rebuild_views()
+    return dg.MaterializeResult(metadata=_plain(metadata), check_results=check_results or [])
+
+
+def _check(name: str, passed, metadata: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=_plain(metadata))
+
+
+def build_assets(study: Study) -> list[dg.AssetsDefinition]:
+    models, sizes, jobs = model_partitions(study), size_partitions(study), job_partitions(study)
+
+    @dg.asset(group_name="inputs", kinds={"numpy", "parquet"})
+    def stimuli(study: StudyResource, storage: StorageResource) -> dg.MaterializeResult:
+        """The stimulus table (id, concept family, source) and images."""
+        store = storage.store(study.study)
+        return _finish(store, pipeline.build_stimuli(study.study, store))
+
+    @dg.asset(
+        group_name="inputs", partitions_def=models, deps=[stimuli], pool=GPU_POOL, kinds={"torch"}
+    )
+    def embeddings(
+        context: dg.AssetExecutionContext,
+        study: StudyResource,
+        storage: StorageResource,
+        device: DeviceResource,
+    ) -> dg.MaterializeResult:
+        """n x p pooled pre-logits features of one model, with its parameter count and p."""
+        store = storage.store(study.study)
+        row = pipeline.build_embeddings(
+            study.study, store, context.partition_key, device.torch_device, context.log.info
+        )
+        return _finish(store, row)
+
+    @dg.asset(
+        group_name="inputs",
+        deps=[stimuli],
+        check_specs=[dg.AssetCheckSpec("convention_unambiguous", asset="human_judgements")],
+    )
+    def human_judgements(
+        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """Triplets, answers, splits, noise ceiling, detected convention and checksums."""
+        store = storage.store(study.study)
+        info = pipeline.build_human(study.study, store, context.log.info)
+        check = _check(
+            "convention_unambiguous", info["unambiguous"], {"detection": info["detection"]}
+        )
+        meta = {k: info[k] for k in ("convention", "noise_ceiling", "rows", "observer_temperature")}
+        return _finish(store, meta, [check])
+
+    @dg.asset(
+        group_name="generators",
+        partitions_def=models,
+        deps=[embeddings, human_judgements],
+        pool=GPU_POOL,
+        check_specs=[dg.AssetCheckSpec("calibrated_to_noise_ceiling", asset="generator_probes")],
+    )
+    def generator_probes(
+        context: dg.AssetExecutionContext,
+        study: StudyResource,
+        storage: StorageResource,
+        device: DeviceResource,
+    ) -> dg.MaterializeResult:
+        """W (CV-chosen lambda), calibrated T, human test accuracy and NLL of one model."""
+        store = storage.store(study.study)
+        row = pipeline.build_generator(
+            study.study, store, context.partition_key, device.torch_device, context.log.info
+        )
+        gap = abs(row["calibrated_mean_max_probability"] - row["target"])
+        check = _check(
+            "calibrated_to_noise_ceiling",
+            bool(gap <= 1e-4),
+            {"abs_gap": gap, "target": row["target"]},
+        )
+        return _finish(store, row, [check])
+
+    @dg.asset(
+        group_name="recovery",
+        partitions_def=jobs,
+        deps=[
+            dg.AssetDep(generator_probes, partition_mapping=BY_MODEL),
+            dg.AssetDep(embeddings, partition_mapping=BY_MODEL),
+            human_judgements,
+        ],
+        check_specs=[
+            dg.AssetCheckSpec("self_agreement_in_99_interval", asset="synthetic_datasets")
+        ],
+    )
+    def synthetic_datasets(
+        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """All simulations x 3 folds of synthetic triplets and answers of generator `model`."""
+        store = storage.store(study.study)
+        model, n_train = split_job_key(context.partition_key)
+        info = pipeline.build_synthetic(study.study, store, model, n_train, context.log.info)
+        check = _check("self_agreement_in_99_interval", bool(abs(info["z"]) <= 2.576), info)
+        return _finish(store, info, [check])
+
+    @dg.asset(
+        group_name="recovery",
+        partitions_def=jobs,
+        deps=[
+            synthetic_datasets,
+            dg.AssetDep(embeddings, partition_mapping=dg.AllPartitionMapping()),
+        ],
+        pool=GPU_POOL,
+    )
+    def candidate_scores(
+        context: dg.AssetExecutionContext,
+        study: StudyResource,
+        storage: StorageResource,
+        device: DeviceResource,
+    ) -> dg.MaterializeResult:
+        """Every candidate x lambda x fold x simulation; selected lambda, score, rank, winner."""
+        store = storage.store(study.study)
+        model, n_train = split_job_key(context.partition_key)
+        info = pipeline.build_scores(
+            study.study, store, model, n_train, device.torch_device, context.log.info
+        )
+        return _finish(store, info)
+
+    @dg.asset(
+        group_name="recovery",
+        partitions_def=sizes,
+        deps=[dg.AssetDep(candidate_scores, partition_mapping=BY_SIZE)],
+        check_specs=[dg.AssetCheckSpec("rows_sum_to_simulations", asset="recovery_matrix")],
+    )
+    def recovery_matrix(
+        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """Confusion counts, recovery accuracy with 95% CI, ranks, MRR, precision/recall."""
+        s = study.study
+        store = storage.store(s)
+        n_train = int(context.partition_key)
+        res = pipeline.build_recovery(s, store, n_train)
+        m = res["accuracy"]
+        rows = m.confusion.sum(axis=1)
+        png = plots.confusion_heatmap(
+            m.confusion.stack().rename("count").reset_index(),
+            s.model_names,
+            f"N = {n_train}: recovery {m.accuracy:.2f} [{m.ci_low:.2f}, {m.ci_high:.2f}]",
+            store.plot_path(f"confusion_n{n_train}.png"),
+        )
+        check = _check(
+            "rows_sum_to_simulations",
+            bool((rows == s.simulations).all()),
+            {"row_sums": {k: int(v) for k, v in rows.items()}},
+        )
+        meta = {
+            "recovery_accuracy": m.accuracy,
+            "ci_95": [m.ci_low, m.ci_high],
+            "recovery_accuracy_by_nll": res["nll"].accuracy,
+            "mrr": m.mrr,
+            "plot": dg.MetadataValue.path(str(png)),
+            "confusion": dg.MetadataValue.md(plots.markdown_image(png, "confusion matrix")),
+        }
+        return _finish(store, meta, [check])
+
+    @dg.asset(group_name="summary", deps=[embeddings, generator_probes])
+    def model_properties(
+        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """Params, dimension, effective dimensionality before/after, alignment-induced shift."""
+        store = storage.store(study.study)
+        df = pipeline.build_properties(study.study, store, context.log.info)
+        return _finish(store, {"table": dg.MetadataValue.md(df.to_markdown(index=False))})
+
+    @dg.asset(group_name="summary", deps=[recovery_matrix, generator_probes])
+    def recovery_curve(study: StudyResource, storage: StorageResource) -> dg.MaterializeResult:
+        """Recovery accuracy vs training size (plot and table); human accuracy vs recovery."""
+        s = study.study
+        store = storage.store(s)
+        summary = store.read_table("recovery_summary")
+        curve = plots.recovery_curve(summary, store.plot_path("recovery_curve.png"))
+        per = store.read_table("recovery_per_model", {"n_train": s.largest_size})
+        per = per[per["criterion"] == "accuracy"]
+        gen = store.read_table("generator_probes")[["model", "human_test_accuracy"]]
+        scatter = plots.human_vs_recovery(
+            per.merge(gen, on="model"), store.plot_path("human_vs_recovery.png")
+        )
+        acc = summary[summary["criterion"] == "accuracy"].sort_values("n_train")
+        meta = {
+            "curve": dg.MetadataValue.md(
+                acc[["n_train", "accuracy", "ci_low", "ci_high"]].to_markdown(index=False)
+            ),
+            "recovery_curve": dg.MetadataValue.md(plots.markdown_image(curve, "recovery curve")),
+            "human_vs_recovery": dg.MetadataValue.md(
+                plots.markdown_image(scatter, "human accuracy vs recovery")
+            ),
+        }
+        return _finish(store, meta)
+
+    @dg.asset(group_name="summary", deps=[candidate_scores, model_properties])
+    def misidentification_regression(
+        study: StudyResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """§8 coefficients, bootstrap CIs, Bonferroni p values and VIFs at the largest N."""
+        store = storage.store(study.study)
+        coefs, meta = pipeline.build_regression(study.study, store)
+        cols = ["term", "coef", "ci_low", "ci_high", "p_bonferroni", "vif"]
+        return _finish(
+            store,
+            {
+                "coefficients": dg.MetadataValue.md(coefs[cols].to_markdown(index=False)),
+                **{k: (float(v) if isinstance(v, np.floating) else v) for k, v in meta.items()},
+            },
+        )
+
+    return [
+        stimuli,
+        embeddings,
+        human_judgements,
+        generator_probes,
+        synthetic_datasets,
+        candidate_scores,
+        recovery_matrix,
+        model_properties,
+        recovery_curve,
+        misidentification_regression,
+    ]

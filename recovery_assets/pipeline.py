@@ -1,0 +1,465 @@
+"""The study's steps as plain functions over a Study and a Store (no Dagster here).
+
+Each step reads what it needs from the store, calls the core, writes its arrays and tables, and
+returns a small summary (metadata for the orchestration layer, values for its checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recovery_assets.core import geometry, regression
+from recovery_assets.core.generator import fit_generator_probe, triplet_logits
+from recovery_assets.core.recovery import recovery_metrics, select_and_score
+from recovery_assets.core.scoring import score_candidates
+from recovery_assets.core.simulation import synthetic_job
+from recovery_assets.core.triplets import human_rows_to_positions, triplet_keys
+from recovery_assets.storage import Store
+from recovery_assets.study import Study
+
+Log = Callable[[str], None]
+CRITERIA = ("accuracy", "nll")
+
+
+def _dtype(study: Study) -> torch.dtype:
+    return torch.float64 if study.probe_dtype == "float64" else torch.float32
+
+
+# ----------------------------------------------------------------------------- stimuli
+def build_stimuli(study: Study, store: Store) -> dict:
+    from recovery_assets.sources.demo import demo_stimuli
+
+    s = study.stimuli
+    table, images = demo_stimuli(
+        int(s.get("n_families", 16)),
+        int(s.get("crops_per_family", 15)),
+        size=int(s.get("size", 64)),
+        seed=int(s.get("seed", 0)),
+    )
+    table = table.reset_index(drop=True)
+    table.insert(0, "concept", np.arange(len(table)))
+    store.save_npy(store.path("stimuli", "images.npy"), images)
+    store.write_table("stimuli", table)
+    return {"n_stimuli": len(table), "n_families": int(table["family"].nunique())}
+
+
+def load_stimuli(store: Store) -> tuple[pd.DataFrame, np.ndarray]:
+    path = store.path("stimuli", "images.npy")
+    if not path.is_file():
+        raise FileNotFoundError(f"stimuli: {path} does not exist; materialize stimuli first")
+    return store.read_table("stimuli"), np.load(path)
+
+
+# ----------------------------------------------------------------------------- embeddings
+def build_embeddings(study: Study, store: Store, model: str, device, log: Log) -> dict:
+    from recovery_assets.sources.timm_features import extract_features
+
+    entry = study.model(model)
+    _, images = load_stimuli(store)
+    X, info = extract_features(
+        entry.arch,
+        images,
+        seed=entry.seed,
+        weights=entry.weights,
+        checkpoint=entry.checkpoint,
+        device=str(device),
+        log=log,
+    )
+    meta = {"model": model, **{k: v for k, v in info.items() if k not in ("mean", "std")}}
+    store.save_arrays(store.embedding_path(model), {"features": X}, meta)
+    row = {
+        "model": model,
+        "arch": entry.arch,
+        "weights": entry.weights,
+        "seed": entry.seed,
+        "n_params": int(info["n_params"]),
+        "embedding_dim": int(X.shape[1]),
+        "n_stimuli": int(X.shape[0]),
+    }
+    store.write_table("embeddings", pd.DataFrame([row]), {"model": model})
+    return row
+
+
+def load_features(store: Store, model: str) -> np.ndarray:
+    arrays, _ = store.load_arrays(store.embedding_path(model), f"embeddings[{model}]")
+    return arrays["features"]
+
+
+# ----------------------------------------------------------------------------- human data
+def _pixel_reference(images: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Zero-shot similarity of standardised 8 x 8 downsampled pixels (the demo's reference)."""
+    n, h, w, _ = images.shape
+    small = images.reshape(n, 8, h // 8, 8, w // 8, 3).mean((2, 4)).reshape(n, -1)
+    small = (small - small.mean(0)) / (small.std(0) + 1e-9)
+    return lambda trip: triplet_logits(small, trip)
+
+
+def build_human(study: Study, store: Store, log: Log) -> dict:
+    from recovery_assets.sources.demo import DemoObserver, human_like_files, write_things_folder
+    from recovery_assets.sources.human import load_human_judgements
+
+    table, images = load_stimuli(store)
+    h = study.human
+    seed = int(h.get("seed", 0))
+    observer = DemoObserver(images, table["family"].to_numpy(), seed=seed)
+    log(f"simulated observer: temperature {observer.temperature:.4g}")
+    files = human_like_files(
+        observer,
+        n_train=int(h.get("n_train", 10_000)),
+        n_val=int(h.get("n_val", 1_000)),
+        n_test_triplets=int(h.get("test_triplets", 1_000)),
+        repeats=int(h.get("repeats", 10)),
+        seed=seed,
+    )
+    folder = store.path("human", "files")
+    write_things_folder(folder, table[["uniqueID", "family", "source"]], images, files)
+    if study.convention_reference == "pixels":
+        reference = _pixel_reference(images)
+    else:
+        X = load_features(store, study.convention_reference)
+        reference = lambda trip: triplet_logits(X, trip)  # noqa: E731
+    data = load_human_judgements(folder, len(table), reference)
+    store.save_arrays(store.path("human", "judgements.npz"), dict(data.rows), meta=data.metadata())
+    rows = []
+    for name, r in data.rows.items():
+        det = data.detection.get(name)
+        rows.append(
+            {
+                "file": name,
+                "rows": int(len(r)),
+                "sha256": data.sha256[name],
+                "convention": data.convention,
+                "detected": getattr(det, "decision", None),
+                "noise_ceiling": _ceiling(data.noise_ceiling.get(name)),
+            }
+        )
+    store.write_table("human_judgements", pd.DataFrame(rows))
+    train_det = data.detection["trainset"]
+    return {
+        "convention": data.convention,
+        "unambiguous": bool(train_det.unambiguous),
+        "detection": train_det.to_dict(),
+        "noise_ceiling": _ceiling(data.noise_ceiling["testset2"]),
+        "rows": {k: int(len(v)) for k, v in data.rows.items()},
+        "observer_temperature": float(observer.temperature),
+    }
+
+
+def _ceiling(value) -> float | None:
+    """A noise ceiling as a float (the loader may give a NoiseCeiling(ceiling, n_triplets))."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return float(value["ceiling"])
+    return float(getattr(value, "ceiling", value))
+
+
+def load_human(store: Store) -> tuple[dict[str, np.ndarray], dict]:
+    return store.load_arrays(store.path("human", "judgements.npz"), "human_judgements")
+
+
+def human_sets(rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Canonical [pair, pair, odd] rows -> (triplets, answer positions) per file."""
+    return {k: human_rows_to_positions(v, "pair_pair_odd") for k, v in rows.items()}
+
+
+# ----------------------------------------------------------------------------- generators
+def build_generator(study: Study, store: Store, model: str, device, log: Log) -> dict:
+    rows, meta = load_human(store)
+    sets = human_sets(rows)
+    X = load_features(store, model)
+    ceiling = _ceiling(meta["noise_ceiling"]["testset2"])
+    target = ceiling if study.calibration_target == "noise_ceiling" else study.calibration_target
+    evaluation = {k: v for k, v in sets.items() if k in ("validationset", "testset1", "testset3")}
+    g = fit_generator_probe(
+        X,
+        sets["trainset"],
+        sets["testset2"][0],
+        target,
+        study.generator_lambdas,
+        study.spec,
+        evaluation=evaluation,
+        cv_folds=study.generator_cv_folds,
+        cv_seed=study.generator_cv_seed,
+        device=device,
+        dtype=_dtype(study),
+        max_iter=study.max_iter,
+        log=log,
+    )
+    store.save_arrays(
+        store.generator_path(model),
+        {"W": g.W, "temperature": g.temperature, "lam": g.lam},
+        meta={"model": model, "target": target, **g.metrics},
+    )
+    test_keys = [k for k in ("testset1", "testset3") if f"{k}_accuracy" in g.metrics]
+    row = {
+        "model": model,
+        "lam": g.lam,
+        "temperature": g.temperature,
+        "target": target,
+        "calibrated_mean_max_probability": g.metrics["calibrated_mean_max_probability"],
+        "human_test_accuracy": float(np.mean([g.metrics[f"{k}_accuracy"] for k in test_keys])),
+        "human_test_nll": float(np.mean([g.metrics[f"{k}_nll"] for k in test_keys])),
+        "human_val_accuracy": g.metrics.get("validationset_accuracy"),
+        "converged": bool(g.metrics["converged"]),
+    }
+    store.write_table("generator_probes", pd.DataFrame([row]), {"model": model})
+    cv = g.cv.assign(model=model)
+    store.write_table("generator_cv", cv, {"model": model})
+    return row
+
+
+def load_generator(store: Store, model: str) -> tuple[np.ndarray, float]:
+    arrays, _ = store.load_arrays(store.generator_path(model), f"generator_probes[{model}]")
+    return arrays["W"], float(arrays["temperature"])
+
+
+# ----------------------------------------------------------------------------- synthetic data
+SPLITS = ("train", "val", "test")
+
+
+def build_synthetic(study: Study, store: Store, model: str, n_train: int, log: Log) -> dict:
+    X = load_features(store, model)
+    W, T = load_generator(store, model)
+    Z = X.astype(np.float64) @ W.T.astype(np.float64)
+    rows, _ = load_human(store)
+    n = X.shape[0]
+    exclude = np.concatenate([triplet_keys(r, n) for r in rows.values()])
+    arrays: dict[str, np.ndarray] = {}
+    table = []
+    agree = expect = var = 0.0
+    for s in range(study.simulations):
+        folds = synthetic_job(
+            n, n_train, s, lambda t: triplet_logits(Z, t), T, exclude, generator=model
+        )
+        for fold in folds:
+            f = fold["fold"]
+            for c in SPLITS:
+                arrays[f"s{s}_f{f}_{c}_concepts"] = fold["concepts"][c]
+            for split in SPLITS:
+                t, a = fold[split]["triplets"], fold[split]["answers"]
+                arrays[f"s{s}_f{f}_{split}_triplets"] = t
+                arrays[f"s{s}_f{f}_{split}_answers"] = a
+                logits = triplet_logits(Z, t) / T
+                p = np.exp(logits - logits.max(1, keepdims=True))
+                p /= p.sum(1, keepdims=True)
+                pmax = p.max(1)
+                hit = (a == logits.argmax(1)).astype(float)
+                agree += hit.sum()
+                expect += pmax.sum()
+                var += (pmax * (1 - pmax)).sum()
+                table.append(
+                    dict(
+                        model=model,
+                        n_train=n_train,
+                        simulation=s,
+                        fold=f,
+                        split=split,
+                        n_triplets=len(t),
+                        self_agreement=float(hit.mean()),
+                        expected_agreement=float(pmax.mean()),
+                    )
+                )
+        log(f"simulation {s + 1}/{study.simulations}: 3 folds drawn")
+    store.save_arrays(
+        store.synthetic_path(model, n_train),
+        arrays,
+        meta={"model": model, "n_train": n_train, "simulations": study.simulations},
+    )
+    store.write_table(
+        "synthetic_datasets", pd.DataFrame(table), {"model": model, "n_train": n_train}
+    )
+    z = (agree - expect) / np.sqrt(max(var, 1e-12))
+    return {
+        "self_agreement": agree / sum(r["n_triplets"] for r in table),
+        "expected_agreement": expect / sum(r["n_triplets"] for r in table),
+        "z": float(z),
+        "n_answers": int(sum(r["n_triplets"] for r in table)),
+    }
+
+
+def load_synthetic(store: Store, model: str, n_train: int, simulations: int) -> list[list[dict]]:
+    arrays, _ = store.load_arrays(
+        store.synthetic_path(model, n_train), f"synthetic_datasets[{model}, N={n_train}]"
+    )
+    sims = []
+    for s in range(simulations):
+        folds = []
+        f = 0
+        while f"s{s}_f{f}_train_triplets" in arrays:
+            fold = {"fold": f, "concepts": {}}
+            for split in SPLITS:
+                fold["concepts"][split] = arrays[f"s{s}_f{f}_{split}_concepts"]
+                fold[split] = {
+                    "triplets": arrays[f"s{s}_f{f}_{split}_triplets"],
+                    "answers": arrays[f"s{s}_f{f}_{split}_answers"],
+                }
+            folds.append(fold)
+            f += 1
+        if not folds:
+            raise ValueError(f"synthetic_datasets[{model}, N={n_train}] has no simulation {s}")
+        sims.append(folds)
+    return sims
+
+
+# ----------------------------------------------------------------------------- candidates
+def build_scores(study: Study, store: Store, model: str, n_train: int, device, log: Log) -> dict:
+    features = {m: load_features(store, m) for m in study.model_names}
+    sims = load_synthetic(store, model, n_train, study.simulations)
+    log(
+        f"fitting {len(features)} candidates x {len(study.candidate_lambdas)} lambdas x "
+        f"{len(sims[0])} folds x {len(sims)} simulations"
+    )
+    fits = score_candidates(
+        features,
+        dict(enumerate(sims)),
+        study.candidate_lambdas,
+        study.spec,
+        generator=model,
+        device=device,
+        dtype=_dtype(study),
+        max_iter=study.max_iter,
+        log=log,
+    )
+    fits = fits.assign(n_train=n_train)
+    selections = []
+    winners = {}
+    for crit in CRITERIA:
+        cand, win = select_and_score(fits, study.model_names, criterion=crit)
+        selections.append(cand.assign(criterion=crit, n_train=n_train))
+        winners[crit] = win
+    part = {"model": model, "n_train": n_train}
+    store.write_table("candidate_fits", fits, part)
+    store.write_table("candidate_selection", pd.concat(selections, ignore_index=True), part)
+    win = winners["accuracy"]
+    return {
+        "n_fits": len(fits),
+        "recovered": int(win["recovered"].sum()),
+        "simulations": len(win),
+        "winners": win["winner"].value_counts().to_dict(),
+        "not_converged": int((~fits["converged"]).sum()),
+    }
+
+
+# ----------------------------------------------------------------------------- recovery
+def _winners(study: Study, store: Store, n_train: int, criterion: str) -> pd.DataFrame:
+    parts = [
+        store.read_table("candidate_selection", {"model": m, "n_train": n_train})
+        for m in study.model_names
+    ]
+    sel = pd.concat(parts, ignore_index=True)
+    sel = sel[(sel["criterion"] == criterion) & sel["is_winner"]]
+    return sel.rename(columns={"candidate": "winner"})[["simulation", "generator", "winner"]]
+
+
+def build_recovery(study: Study, store: Store, n_train: int) -> dict:
+    order = study.model_names
+    summary, confusion, per_model = [], [], []
+    out = {}
+    for crit in CRITERIA:
+        sel = pd.concat(
+            [
+                store.read_table("candidate_selection", {"model": m, "n_train": n_train})
+                for m in order
+            ],
+            ignore_index=True,
+        )
+        sel = sel[sel["criterion"] == crit]
+        winners = sel[sel["is_winner"]].rename(columns={"candidate": "winner"})
+        true = sel[sel["candidate"] == sel["generator"]][["simulation", "generator", "rank"]]
+        winners = winners[["simulation", "generator", "winner"]].merge(
+            true.rename(columns={"rank": "true_rank"}), on=["simulation", "generator"]
+        )
+        m = recovery_metrics(winners, order, n_total=len(order) * study.simulations)
+        summary.append(
+            dict(
+                n_train=n_train,
+                criterion=crit,
+                accuracy=m.accuracy,
+                ci_low=m.ci_low,
+                ci_high=m.ci_high,
+                chance=m.chance,
+                n_correct=m.n_correct,
+                n_total=m.n_total,
+                mean_true_rank=m.mean_true_rank,
+                mrr=m.mrr,
+            )
+        )
+        conf = m.confusion.stack().rename("count").reset_index()
+        confusion.append(conf.assign(n_train=n_train, criterion=crit))
+        per_model.append(
+            m.per_model.reset_index()
+            .rename(columns={"index": "model"})
+            .assign(n_train=n_train, criterion=crit)
+        )
+        out[crit] = m
+    part = {"n_train": n_train}
+    store.write_table("recovery_summary", pd.DataFrame(summary), part)
+    store.write_table("recovery_confusion", pd.concat(confusion, ignore_index=True), part)
+    store.write_table("recovery_per_model", pd.concat(per_model, ignore_index=True), part)
+    return out
+
+
+# ----------------------------------------------------------------------------- properties
+def build_properties(study: Study, store: Store, log: Log) -> pd.DataFrame:
+    rows = []
+    emb = store.read_table("embeddings").set_index("model")
+    for m in study.model_names:
+        X = load_features(store, m).astype(np.float64)
+        W, _ = load_generator(store, m)
+        props = geometry.geometry_properties(X, W.astype(np.float64))
+        rows.append(
+            dict(
+                model=m,
+                n_params=int(emb.loc[m, "n_params"]),
+                embedding_dim=int(X.shape[1]),
+                **props,
+            )
+        )
+        log(
+            f"{m}: shift {props['alignment_shift']:.3f}, ED {props['ed_before']:.1f} -> "
+            f"{props['ed_after']:.1f}"
+        )
+    df = pd.DataFrame(rows)
+    store.write_table("model_properties", df)
+    return df
+
+
+def build_regression(study: Study, store: Store) -> tuple[pd.DataFrame, dict]:
+    N = study.largest_size
+    sel = pd.concat(
+        [
+            store.read_table("candidate_selection", {"model": m, "n_train": N})
+            for m in study.model_names
+        ],
+        ignore_index=True,
+    )
+    sel = sel[sel["criterion"] == "accuracy"][["simulation", "generator", "candidate", "score"]]
+    props = store.read_table("model_properties").set_index("model")
+    # §8's predictors, in order of the paper's interest; with few models the design cannot hold
+    # all ten (each side has at most n_models - 1 free directions), so trailing ones are dropped
+    # until the design has full rank, and the dropped ones are reported.
+    order = ["alignment_shift", "ed_after", "ed_before", "embedding_dim", "n_params"]
+    predictors = [p for p in order if props[p].std() > 0]
+    dropped = [p for p in order if p not in predictors]
+    while True:
+        frame = regression.build_regression_frame(sel, props, predictors=predictors)
+        try:
+            coefs, meta = regression.fit_misidentification_regression(
+                frame,
+                n_boot=int(study.regression.get("n_boot", 10_000)),
+                seed=int(study.regression.get("seed", 0)),
+            )
+            break
+        except ValueError as exc:
+            if "rank-deficient" not in str(exc) or len(predictors) == 1:
+                raise
+            dropped.insert(0, predictors.pop())
+    meta = {**meta, "predictors": predictors, "dropped_predictors": dropped}
+    store.write_table("regression_frame", frame.assign(n_train=N))
+    store.write_table("misidentification_regression", coefs.assign(n_train=N))
+    return coefs, meta

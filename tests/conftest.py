@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny study materialized once per session into a temporary instance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "studies" / "tiny.yaml"
+
+
+@dataclass
+class TinyRun:
+    study_path: Path
+    data: Path  # the study's data folder (arrays, tables, recovery.duckdb)
+    home: Path  # DAGSTER_HOME of the persistent instance that recorded the runs
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """Materialize the whole tiny study (every asset, every partition) into a persistent
+    instance under a temporary DAGSTER_HOME, as `make demo` does for the demo study."""
+    import dagster as dg
+
+    from recovery_assets.run import materialize_study
+    from recovery_assets.study import load_study
+
+    base = tmp_path_factory.mktemp("tiny")
+    home, data = base / "dagster_home", base / "data"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    study = load_study(TINY)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        materialize_study(
+            study, instance, echo=lambda s: None, storage_root=str(data), log_level="WARNING"
+        )
+    return TinyRun(study_path=TINY, data=data, home=home)
