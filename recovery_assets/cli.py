@@ -145,12 +145,26 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
     except (InputError, ValueError) as exc:
         _fail("fit-probe", str(exc))
 
+    if Path(out).is_dir():
+        _fail("fit-probe", f"--out {out}: is a directory; give a file name such as W.npy")
     t0 = time.perf_counter()
-    fit = fit_probes([FitProblem(X, T, A, [lam])], spec, device=dev)[0][0]
+    try:
+        fit = fit_probes([FitProblem(X, T, A, [lam])], spec, device=dev)[0][0]
+    except ValueError as exc:  # e.g. all-zero training features
+        _fail("fit-probe", f"--features {features}: {exc}")
     W = fit.matrix()
     seconds = time.perf_counter() - t0
     metrics = probe_metrics(W, X, T, A, lam, spec)
-    save_npy_atomic(out, W)
+    if not math.isfinite(metrics["objective"]):
+        _fail(
+            "fit-probe",
+            f"--features {features}: the objective is not finite at the fitted W (features too "
+            "large for float32 similarities?); nothing written",
+        )
+    try:
+        save_npy_atomic(out, W)
+    except OSError as exc:
+        _fail("fit-probe", f"--out {out}: cannot write ({exc})")
     record = {
         "objective": metrics["objective"],
         "train_accuracy": metrics["accuracy"],

@@ -346,29 +346,24 @@ def build_scores(study: Study, store: Store, model: str, n_train: int, device, l
 
 
 # ----------------------------------------------------------------------------- recovery
-def _winners(study: Study, store: Store, n_train: int, criterion: str) -> pd.DataFrame:
-    parts = [
-        store.read_table("candidate_selection", {"model": m, "n_train": n_train})
-        for m in study.model_names
-    ]
-    sel = pd.concat(parts, ignore_index=True)
-    sel = sel[(sel["criterion"] == criterion) & sel["is_winner"]]
-    return sel.rename(columns={"candidate": "winner"})[["simulation", "generator", "winner"]]
+def load_selection(study: Study, store: Store, n_train: int) -> pd.DataFrame:
+    """Every generator's candidate selection table at one training size."""
+    return pd.concat(
+        [
+            store.read_table("candidate_selection", {"model": m, "n_train": n_train})
+            for m in study.model_names
+        ],
+        ignore_index=True,
+    )
 
 
 def build_recovery(study: Study, store: Store, n_train: int) -> dict:
     order = study.model_names
     summary, confusion, per_model = [], [], []
     out = {}
+    selection = load_selection(study, store, n_train)
     for crit in CRITERIA:
-        sel = pd.concat(
-            [
-                store.read_table("candidate_selection", {"model": m, "n_train": n_train})
-                for m in order
-            ],
-            ignore_index=True,
-        )
-        sel = sel[sel["criterion"] == crit]
+        sel = selection[selection["criterion"] == crit]
         winners = sel[sel["is_winner"]].rename(columns={"candidate": "winner"})
         true = sel[sel["candidate"] == sel["generator"]][["simulation", "generator", "rank"]]
         winners = winners[["simulation", "generator", "winner"]].merge(
@@ -431,13 +426,7 @@ def build_properties(study: Study, store: Store, log: Log) -> pd.DataFrame:
 
 def build_regression(study: Study, store: Store) -> tuple[pd.DataFrame, dict]:
     N = study.largest_size
-    sel = pd.concat(
-        [
-            store.read_table("candidate_selection", {"model": m, "n_train": N})
-            for m in study.model_names
-        ],
-        ignore_index=True,
-    )
+    sel = load_selection(study, store, N)
     sel = sel[sel["criterion"] == "accuracy"][["simulation", "generator", "candidate", "score"]]
     props = store.read_table("model_properties").set_index("model")
     # §8's predictors, in order of the paper's interest; with few models the design cannot hold

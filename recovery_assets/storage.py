@@ -153,8 +153,10 @@ class Store:
             try:
                 for t in tables:
                     glob = (self.path("tables", t) / "**" / "part.parquet").as_posix()
+                    glob = glob.replace("'", "''")
+                    name = '"' + t.replace('"', '""') + '"'
                     con.execute(
-                        f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{glob}', "
+                        f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', "
                         "union_by_name = true, hive_partitioning = false)"
                     )
             finally:

@@ -97,6 +97,25 @@ def _kind_name(kind) -> str:
     return names.get(kind, kind.__name__)
 
 
+def _int(doc: dict, key: str, path: Path, default: Any = ..., minimum: int | None = None) -> int:
+    """An integer setting (YAML booleans are not integers here)."""
+    value = _get(doc, key, path, None, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StudyError(f"{path}: {key!r} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise StudyError(f"{path}: {key!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _map(doc: dict, key: str, path: Path, default: Any = ...) -> dict:
+    value = _get(doc, key, path, None, default)
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise StudyError(f"{path}: {key!r} must be a map, got {value!r}")
+    return value
+
+
 def _lambdas(doc: dict, key: str, path: Path) -> tuple[float, ...]:
     values = _get(doc, key, path, list)
     out = []
@@ -141,7 +160,7 @@ def _model(entry: Any, i: int, path: Path, kind: str) -> ModelEntry:
             arch=arch,
             weights=weights,
             checkpoint=checkpoint,
-            seed=int(_get(entry, "seed", path, int, 0)),
+            seed=_int(entry, "seed", path, 0, minimum=0),
             options=dict(entry.get("options") or {}),
         )
     if source == "features":
@@ -182,14 +201,12 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
                 "checkpoints, precomputed features, or set allow_random_weights: true"
             )
     sizes = _get(doc, "sizes", path, list)
-    if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise StudyError(f"{path}: sizes must be a non-empty list of positive integers")
     if len(set(sizes)) != len(sizes):
         raise StudyError(f"{path}: sizes has duplicates: {sizes}")
-    sims = _get(doc, "simulations", path, int)
-    if sims < 1:
-        raise StudyError(f"{path}: simulations must be >= 1")
-    probe = _get(doc, "probe", path, dict, {})
+    sims = _int(doc, "simulations", path, minimum=1)
+    probe = _map(doc, "probe", path, {})
     try:
         spec = ProbeSpec.parse(probe.get("family", "full"), probe.get("penalty", "shrinkage"))
     except ValueError as exc:
@@ -197,15 +214,20 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
     dtype = probe.get("dtype", "float32")
     if dtype not in ("float32", "float64"):
         raise StudyError(f"{path}: probe.dtype must be float32 or float64")
-    gen = _get(doc, "generator", path, dict)
+    gen = _map(doc, "generator", path)
     target = gen.get("calibration_target", "noise_ceiling")
     if not (target == "noise_ceiling" or (isinstance(target, float) and 1 / 3 < target < 1)):
         raise StudyError(
             f"{path}: generator.calibration_target must be noise_ceiling or a number in (1/3, 1)"
         )
-    cand = _get(doc, "candidates", path, dict)
-    human = _get(doc, "human", path, dict)
-    stimuli = _get(doc, "stimuli", path, dict, {})
+    cand = _map(doc, "candidates", path)
+    human = _map(doc, "human", path)
+    stimuli = _map(doc, "stimuli", path, {})
+    regression = _map(doc, "regression", path, {})
+    reg = {
+        "n_boot": _int(regression, "n_boot", path, 10_000, minimum=1),
+        "seed": _int(regression, "seed", path, 0, minimum=0),
+    }
     reference = str(human.get("convention_reference", "pixels"))
     if reference != "pixels" and reference not in names:
         raise StudyError(
@@ -221,15 +243,15 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
         spec=spec,
         candidate_lambdas=_lambdas(cand, "lambdas", path),
         generator_lambdas=_lambdas(gen, "lambdas", path),
-        generator_cv_folds=int(gen.get("cv_folds", 5)),
-        generator_cv_seed=int(gen.get("cv_seed", 42)),
+        generator_cv_folds=_int(gen, "cv_folds", path, 5, minimum=2),
+        generator_cv_seed=_int(gen, "cv_seed", path, 42, minimum=0),
         calibration_target=target,
         stimuli=dict(stimuli),
         human=dict(human),
         convention_reference=reference,
-        regression=dict(doc.get("regression") or {"n_boot": 10_000, "seed": 0}),
+        regression=reg,
         probe_dtype=dtype,
-        max_iter=int(probe.get("max_iter", 1000)),
+        max_iter=_int(probe, "max_iter", path, 1000, minimum=1),
         device=str(doc.get("device", "auto")),
         data_dir=doc.get("data_dir"),
     )

@@ -21,6 +21,16 @@ class TinyRun:
     data: Path  # the study's data folder (arrays, tables, recovery.duckdb)
     home: Path  # DAGSTER_HOME of the persistent instance that recorded the runs
 
+    def env(self, home: Path | None = None, data: Path | None = None) -> dict[str, str]:
+        """The environment of a subprocess (CLI, webserver) that sees this study and instance."""
+        return dict(
+            os.environ,
+            DAGSTER_HOME=str(home or self.home),
+            RECOVERY_STUDY=str(self.study_path),
+            RECOVERY_DATA=str(data or self.data),
+            HF_HUB_OFFLINE="1",
+        )
+
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:

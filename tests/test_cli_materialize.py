@@ -47,13 +47,7 @@ def test_cli_materialize_candidate_scores_partition(tiny_run, tmp_path):
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs_before = {r.run_id for r in instance.get_runs()}
 
-    env = dict(
-        os.environ,
-        DAGSTER_HOME=str(home),
-        RECOVERY_STUDY=str(tiny_run.study_path),
-        RECOVERY_DATA=str(data),
-        HF_HUB_OFFLINE="1",
-    )
+    env = tiny_run.env(home=home, data=data)
     cmd = [
         str(DAGSTER),
         "asset",

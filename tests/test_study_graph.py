@@ -3,7 +3,6 @@ re-materialization and concurrent runs (each test asserts something that can fai
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,13 +187,7 @@ def test_two_concurrent_partition_runs_both_land(tiny_run, study):
         str(job_key(study.model_names[0], study.sizes[1])),
         str(job_key(study.model_names[2], study.sizes[1])),
     ]
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(tiny_run.home),
-        "RECOVERY_STUDY": str(tiny_run.study_path),
-        "RECOVERY_DATA": str(tiny_run.data),
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = tiny_run.env()
     total = int(_sql(tiny_run.data, "SELECT count(*) AS n FROM candidate_fits")["n"][0])
     dagster = Path(sys.executable).parent / "dagster"
     procs = [

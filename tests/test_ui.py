@@ -190,13 +190,7 @@ def webserver(tiny_run, tmp_path_factory) -> Iterator[Webserver]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("webserver") / "webserver.log"
-    env = dict(
-        os.environ,
-        DAGSTER_HOME=str(tiny_run.home),
-        RECOVERY_STUDY=str(tiny_run.study_path),
-        RECOVERY_DATA=str(tiny_run.data),
-        HF_HUB_OFFLINE="1",
-    )
+    env = tiny_run.env()
     cmd = [str(exe), "-h", "127.0.0.1", "-p", str(port), "-m", "recovery_assets.definitions"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(

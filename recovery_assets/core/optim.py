@@ -87,7 +87,8 @@ def lbfgs(
     small = torch.zeros(B, dtype=torch.long, device=dev)
     fresh = torch.ones(B, dtype=torch.bool, device=dev)  # next step is a steepest-descent step
 
-    done = g.abs().amax(-1) <= grad_tol
+    bad_start = ~torch.isfinite(f)  # e.g. float32 overflow: nothing can be fitted from here
+    done = (g.abs().amax(-1) <= grad_tol) | bad_start
     for it in range(max_iter + 1):
         if done.any():  # record finished problems and compact the state
             fin = ids[done]
@@ -111,8 +112,9 @@ def lbfgs(
         restart = fresh | bad
         one = torch.ones(ids.numel(), device=dev, dtype=dt)
         t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), one)
-        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        x_new = f_new = g_new = None
         pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
+        floor = torch.zeros_like(pending)
         for _ in range(max_ls):
             pi = pending.nonzero().squeeze(-1)
             whole = pi.numel() == ids.numel()
@@ -120,9 +122,12 @@ def lbfgs(
             ft, gt = fg(xt, ids if whole else ids[pi])
             evals[ids[pi]] += 1
             ok = torch.isfinite(ft) & (ft <= f[pi] + c1 * t[pi] * gd[pi])
-            acc = pi[ok]
-            x_new[acc], f_new[acc], g_new[acc] = xt[ok], ft[ok], gt[ok]
-            pending[acc] = False
+            if x_new is None:  # first trial covers every problem: take it whole, mend rows later
+                x_new, f_new, g_new = xt, ft, gt
+            else:
+                acc = pi[ok]
+                x_new[acc], f_new[acc], g_new[acc] = xt[ok], ft[ok], gt[ok]
+            pending[pi[ok]] = False
             rej = pi[~ok]
             if rej.numel() == 0:
                 break
@@ -132,7 +137,16 @@ def lbfgs(
             tq = -gd[rej] * tr * tr / denom
             tq = torch.where(torch.isfinite(tq) & (denom > 0), tq, 0.5 * tr)
             t[rej] = torch.minimum(torch.maximum(tq.to(dt), 0.1 * tr), 0.5 * tr)
-        stalled = pending  # no sufficient decrease found: the objective is at its numerical floor
+            # A step whose predicted decrease is below the convergence tolerance cannot matter:
+            # stop backtracking (the objective is at its working-precision floor).
+            futile = -gd[rej] * t[rej] < 0.1 * rel_tol * f[rej].abs().clamp_min(1.0)
+            pending[rej[futile]] = False
+            floor[rej[futile]] = True
+            if not pending.any():
+                break
+        stalled = pending | floor  # no sufficient decrease found: at the numerical floor
+        if stalled.any():  # those keep their current point
+            x_new[stalled], f_new[stalled], g_new[stalled] = x[stalled], f[stalled], g[stalled]
         s = x_new - x
         y = g_new - g
         sy = torch.linalg.vecdot(s, y)
@@ -152,6 +166,7 @@ def lbfgs(
             progress(it + 1, int((~done).sum()))
     if ids.numel():  # max_iter reached
         out_x[ids], out_f[ids] = x, f
+    converged &= torch.isfinite(out_f)
     return OptimResult(x=out_x, f=out_f, iterations=iters, evaluations=evals, converged=converged)
 
 

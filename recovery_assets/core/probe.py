@@ -449,17 +449,30 @@ def fit_probes(
         return max(1, int(CPU_BATCH_FLOPS // (2 * (n * q * q + n * n * q) + 30 * N)))
 
     order = sorted(range(len(problems)), key=lambda i: dims(i))
+    # even out the batches of each stackable run (no small straggler batch that would iterate
+    # alone with the whole per-iteration overhead)
+    even: dict[int, int] = {}
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and stackable(runs[-1][0], i):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        total = sum(len(problems[i].lams) for i in run)
+        n_batches = math.ceil(total / limit_for(run))
+        for i in run:
+            even[i] = math.ceil(total / n_batches)
     batches: list[list[tuple[int, list[int]]]] = []
     cur: list[tuple[int, list[int]]] = []
     size = 0
     for i in order:
         pos = list(range(len(problems[i].lams)))
-        if cur and (
-            not stackable(cur[0][0], i) or size + len(pos) > limit_for([u for u, _ in cur] + [i])
-        ):
+        limit = min(limit_for([u for u, _ in cur] + [i]), even[i])
+        if cur and (not stackable(cur[0][0], i) or size + len(pos) > limit):
             batches.append(cur)
             cur, size = [], 0
-        limit = limit_for([u for u, _ in cur] + [i])
+            limit = min(limit_for([i]), even[i])
         while pos:
             if size >= limit and cur:
                 batches.append(cur)

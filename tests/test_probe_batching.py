@@ -1,0 +1,211 @@
+"""Batched probe fitting (recovery_assets.core.probe.fit_probes): problems of different reduced
+dimension r, concept count n and triplet count N fitted together in ONE batch (``_merge`` pads n,
+N and the coordinates q, the padded coordinates masked) give the fits each problem gets alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recovery_assets.core import probe
+from recovery_assets.core.probe import FitProblem, ProbeSpec, fit_probes, probe_objective
+
+F64 = torch.float64
+TIGHT = dict(dtype=F64, rel_tol=1e-13, max_iter=5000, history=20)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_problem(seed: int, p: int, n_train: int, n_trip: int, n_held: int = 5) -> dict:
+    """n_train training concepts (all used by the triplets) + n_held concepts in no triplet;
+    answers drawn from a planted transform."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n_train + n_held, p, generator=g, dtype=F64) * math.sqrt(2.0 / p)
+    W_true = torch.eye(p, dtype=F64) + 0.6 * torch.randn(p, p, generator=g, dtype=F64) / p**0.5
+    trip = torch.rand(n_trip, n_train, generator=g).argsort(1)[:, :3]
+    assert len(torch.unique(trip)) == n_train
+    Z = X @ W_true.T
+    S = Z @ Z.T
+    i, j, k = trip.unbind(-1)
+    logits = 3.0 * torch.stack([S[j, k], S[i, k], S[i, j]], -1)
+    ans = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(-1)
+    return dict(X=X.numpy(), trip=trip.numpy(), ans=ans.numpy(), p=p, n_train=n_train)
+
+
+def as_problem(d: dict, lams) -> FitProblem:
+    return FitProblem(d["X"], d["trip"], d["ans"], list(lams))
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1.0)
+
+
+class Spy:
+    """Records every batch handed to the optimiser."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = probe._fit_context
+
+        def spy(ctx, spec, lams, *args, **kwargs):
+            self.calls.append(
+                dict(
+                    lams=list(lams),
+                    G=ctx.X.shape[0],
+                    n=ctx.X.shape[1],
+                    q=ctx.X.shape[2],
+                    N=ctx.ans.shape[1],
+                    r=list(ctx.r),
+                    w=ctx.w.clone(),
+                    gid=list(kwargs.get("gid") or []),
+                )
+            )
+            return real(ctx, spec, lams, *args, **kwargs)
+
+        monkeypatch.setattr(probe, "_fit_context", spy)
+
+
+def check_same(together, alone, datas, spec, mat_tol=1e-6):
+    for fits_t, fits_a, d in zip(together, alone, datas, strict=True):
+        assert len(fits_t) == len(fits_a)
+        for a, b in zip(fits_t, fits_a, strict=True):
+            assert a.lam == b.lam
+            assert a.p == b.p == d["p"]
+            assert a.converged and b.converged
+            assert rel(a.objective, b.objective) < 1e-9, (d["p"], a.lam, a.objective, b.objective)
+            Wa, Wb = a.matrix_tensor().to(F64), b.matrix_tensor().to(F64)
+            assert Wa.shape == (d["p"], d["p"])
+            torch.testing.assert_close(Wa, Wb, atol=mat_tol, rtol=mat_tol)
+            # the reported objective is the plain objective of the problem the fit belongs to
+            f_pub = probe_objective(Wa, d["X"], d["trip"], d["ans"], a.lam, spec)
+            assert rel(f_pub, a.objective) < 1e-8, (f_pub, a.objective)
+
+
+@pytest.mark.parametrize("penalty", ["shrinkage", "frobenius"])
+def test_different_r_n_and_N_in_one_batch_equal_each_alone(monkeypatch, penalty):
+    # p = 6, 12, 40 on 20, 18, 22 training concepts: r = 6, 12, 22 -> one batch padded to q = 22
+    datas = [
+        make_problem(1, p=6, n_train=20, n_trip=150),
+        make_problem(2, p=12, n_train=18, n_trip=220),
+        make_problem(3, p=40, n_train=22, n_trip=180),
+    ]
+    lams = [[0.01, 0.1], [0.03], [0.005, 0.05]]
+    spec = ProbeSpec.parse("full", penalty)
+    problems = [as_problem(d, lam) for d, lam in zip(datas, lams, strict=True)]
+    alone = [fit_probes([pr], spec, max_batch=100, **TIGHT)[0] for pr in problems]
+
+    spy = Spy(monkeypatch)
+    messages = []
+    together = fit_probes(problems, spec, max_batch=100, log=messages.append, **TIGHT)
+    assert len(spy.calls) == 1, [c["G"] for c in spy.calls]  # ONE batch
+    call = spy.calls[0]
+    assert call["G"] == 3 and len(call["lams"]) == 5
+    assert sorted(call["r"]) == [6, 12, 22]
+    assert call["q"] == 22 and call["n"] == 22 and call["N"] == 220
+    # padded triplets carry weight 0, the real ones 1/N of their problem
+    for g, r in enumerate(call["r"]):
+        N_g = {6: 150, 12: 220, 22: 180}[r]
+        w = call["w"][g]
+        torch.testing.assert_close(w[:N_g], torch.full((N_g,), 1.0 / N_g, dtype=F64))
+        assert torch.all(w[N_g:] == 0)
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=F64))
+    # the fits come back in the caller's order, each at its own lambdas and dimension
+    assert [[f.lam for f in row] for row in together] == lams
+    for row, d in zip(together, datas, strict=True):
+        r = min(d["p"], d["n_train"])
+        for f in row:
+            assert f.kind == "reduced" and tuple(f.A.shape) == (r, r)
+    check_same(together, alone, datas, spec)
+    # the fits differ between problems and lambdas (not collapsed onto one)
+    objs = [f.objective for row in together for f in row]
+    assert len({round(o, 6) for o in objs}) == len(objs)
+    # the log reports the batch
+    assert len(messages) == 1
+    assert "fits" in messages[0] and "5 fits" in messages[0] and "3 problems" in messages[0]
+    assert "fitted 5/5 probes" in messages[0]
+
+
+def test_different_numbers_of_triplets_same_r(monkeypatch):
+    """Same p and n (so the same r): only the triplet count N is padded."""
+    datas = [
+        make_problem(11, p=16, n_train=12, n_trip=60),
+        make_problem(12, p=16, n_train=12, n_trip=300),
+        make_problem(13, p=16, n_train=12, n_trip=140),
+    ]
+    spec = ProbeSpec.parse("full", "shrinkage")
+    problems = [as_problem(d, [0.02]) for d in datas]
+    alone = [fit_probes([pr], spec, **TIGHT)[0] for pr in problems]
+    spy = Spy(monkeypatch)
+    together = fit_probes(problems, spec, max_batch=100, **TIGHT)
+    assert len(spy.calls) == 1
+    assert spy.calls[0]["G"] == 3 and spy.calls[0]["N"] == 300 and spy.calls[0]["r"] == [12] * 3
+    check_same(together, alone, datas, spec)
+
+
+def test_own_coordinate_family_pads_n_and_N(monkeypatch):
+    """The diagonal family is fitted in its own coordinates: problems of equal p stack in one
+    batch with n and N padded (no coordinate padding)."""
+    datas = [
+        make_problem(21, p=10, n_train=9, n_trip=80),
+        make_problem(22, p=10, n_train=15, n_trip=200),
+    ]
+    spec = ProbeSpec.parse("diagonal", "shrinkage")
+    problems = [as_problem(d, [0.01, 0.1]) for d in datas]
+    alone = [fit_probes([pr], spec, **TIGHT)[0] for pr in problems]
+    spy = Spy(monkeypatch)
+    together = fit_probes(problems, spec, max_batch=100, **TIGHT)
+    assert len(spy.calls) == 1
+    assert spy.calls[0]["G"] == 2 and spy.calls[0]["n"] == 15 and spy.calls[0]["N"] == 200
+    check_same(together, alone, datas, spec)
+
+
+def test_own_coordinate_problems_of_different_p_are_not_stacked(monkeypatch):
+    datas = [
+        make_problem(31, p=8, n_train=10, n_trip=80),
+        make_problem(32, p=9, n_train=10, n_trip=80),
+    ]
+    spec = ProbeSpec.parse("diagonal", "frobenius")
+    spy = Spy(monkeypatch)
+    fits = fit_probes([as_problem(d, [0.1]) for d in datas], spec, max_batch=100, **TIGHT)
+    assert len(spy.calls) == 2 and all(c["G"] == 1 for c in spy.calls)
+    assert [f[0].p for f in fits] == [8, 9]
+
+
+def test_max_batch_splits_and_log_reports_every_batch(monkeypatch):
+    datas = [
+        make_problem(41, p=6, n_train=20, n_trip=100),
+        make_problem(42, p=12, n_train=18, n_trip=120),
+    ]
+    spec = ProbeSpec.parse("full", "shrinkage")
+    problems = [as_problem(d, [0.01, 0.1, 1.0]) for d in datas]
+    one_batch = fit_probes(problems, spec, max_batch=100, **TIGHT)
+    spy = Spy(monkeypatch)
+    messages = []
+    split = fit_probes(problems, spec, max_batch=2, log=messages.append, **TIGHT)
+    sizes = [len(c["lams"]) for c in spy.calls]
+    assert sum(sizes) == 6 and max(sizes) <= 2 and len(sizes) >= 3, sizes
+    # one log line per batch, with the running count of fits
+    assert len(messages) == len(sizes) and all("fits" in m for m in messages)
+    done = np.cumsum(sizes)
+    assert [m.split()[1] for m in messages] == [f"{k}/6" for k in done]
+    assert all(f"{k} fits" in m for k, m in zip(sizes, messages, strict=True))
+    check_same(split, one_batch, datas, spec)
+
+
+def test_log_is_optional_and_called_with_strings():
+    d = make_problem(51, p=6, n_train=10, n_trip=50)
+    calls = []
+    fit_probes([as_problem(d, [0.1])], ProbeSpec(), log=calls.append, **TIGHT)
+    assert len(calls) == 1 and isinstance(calls[0], str)
+    assert "1 fits" in calls[0] and "full/shrinkage" in calls[0]
+    (f,) = fit_probes([as_problem(d, [0.1])], ProbeSpec(), **TIGHT)[0]  # no log: no error
+    assert np.isfinite(f.objective)

@@ -1,0 +1,332 @@
+"""Tests of recovery_assets.storage: partitioned Parquet tables, array files, DuckDB views,
+atomic writes and the data folder's location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from recovery_assets import storage
+from recovery_assets.storage import DATA_ENV, Store, data_root
+from recovery_assets.study import PACKAGE_ROOT, load_study
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "studies" / "tiny.yaml"
+
+
+def frame(model: str, n: int, rows: int = 3, offset: float = 0.0) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": [model] * rows,
+            "n_train": [n] * rows,
+            "sim": list(range(rows)),
+            "score": [offset + i / 10 for i in range(rows)],
+        }
+    )
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files of interrupted atomic writes."""
+    return [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def test_write_table_replaces_a_partition(tmp_path):
+    store = Store(tmp_path)
+    part = {"model": "a", "n_train": 10}
+    first = store.write_table("fits", frame("a", 10, rows=3), part)
+    second = store.write_table("fits", frame("a", 10, rows=2, offset=5.0), part)
+    assert (
+        first
+        == second
+        == tmp_path / "tables" / "fits" / "model=a" / "n_train=10" / ("part.parquet")
+    )
+    df = store.read_table("fits", part)
+    assert len(df) == 2  # replaced, not appended
+    assert df["score"].tolist() == [5.0, 5.1]
+    assert len(store.read_table("fits")) == 2
+    assert leftovers(tmp_path) == []
+
+
+def test_table_without_partition_goes_to_all(tmp_path):
+    store = Store(tmp_path)
+    path = store.write_table("summary", frame("a", 1))
+    assert path == tmp_path / "tables" / "summary" / "all" / "part.parquet"
+    pd.testing.assert_frame_equal(store.read_table("summary"), frame("a", 1))
+
+
+def test_read_table_concatenates_partitions(tmp_path):
+    store = Store(tmp_path)
+    parts = [("a", 10), ("a", 20), ("b", 10)]
+    for i, (m, n) in enumerate(parts):
+        store.write_table("fits", frame(m, n, rows=2 + i), {"model": m, "n_train": n})
+    df = store.read_table("fits")
+    assert len(df) == 2 + 3 + 4
+    assert list(df.index) == list(range(len(df)))  # a fresh index
+    counts = df.groupby(["model", "n_train"]).size().to_dict()
+    assert counts == {("a", 10): 2, ("a", 20): 3, ("b", 10): 4}
+    one = store.read_table("fits", {"model": "a", "n_train": 20})
+    pd.testing.assert_frame_equal(one, frame("a", 20, rows=3))
+    assert store.tables() == ["fits"]
+
+
+def test_missing_table_or_partition_raises_naming_it(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(FileNotFoundError, match="table nothing_here"):
+        store.read_table("nothing_here")
+    store.write_table("fits", frame("a", 10), {"model": "a", "n_train": 10})
+    with pytest.raises(FileNotFoundError) as info:
+        store.read_table("fits", {"model": "zz", "n_train": 10})
+    text = str(info.value)
+    assert "table fits" in text and "'zz'" in text
+    assert str(store.table_path("fits", {"model": "zz", "n_train": 10})) in text
+    with pytest.raises(FileNotFoundError, match="table other"):
+        store.read_table("other", {"model": "a", "n_train": 10})
+
+
+def test_tables_lists_only_materialized_tables(tmp_path):
+    store = Store(tmp_path)
+    assert store.tables() == []
+    (tmp_path / "tables" / "empty" / "model=a").mkdir(parents=True)
+    store.write_table("zeta", frame("a", 1))
+    store.write_table("alpha", frame("a", 1), {"model": "a"})
+    assert store.tables() == ["alpha", "zeta"]
+
+
+# ----------------------------------------------------------------------------------------------
+# arrays
+
+
+def test_save_and_load_arrays_round_trip(tmp_path):
+    store = Store(tmp_path)
+    target = store.synthetic_path("resnet18", 100)
+    arrays = {
+        "W": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "T": np.array([[0, 1, 2], [3, 4, 5]], dtype=np.int64),
+        "lam": np.float64(0.25),
+    }
+    meta = {"model": "resnet18", "n": np.int64(100), "lams": np.array([0.1, 1.0]), "p": Path("x")}
+    assert store.save_arrays(target, arrays, meta) == target
+    assert target.is_file()
+    got, got_meta = store.load_arrays(target, "synthetic resnet18")
+    assert set(got) == {"W", "T", "lam"}
+    for k, v in arrays.items():
+        assert got[k].dtype == np.asarray(v).dtype
+        np.testing.assert_array_equal(got[k], v)
+    assert got_meta == {"model": "resnet18", "n": 100, "lams": [0.1, 1.0], "p": "x"}
+    assert leftovers(tmp_path) == []
+
+
+def test_load_arrays_without_meta_and_missing_file(tmp_path):
+    store = Store(tmp_path)
+    target = store.embedding_path("m")
+    store.save_arrays(target, {"X": np.ones((2, 2))})
+    got, meta = store.load_arrays(target, "embeddings m")
+    assert meta == {} and got["X"].shape == (2, 2)
+    missing = store.generator_path("nobody")
+    with pytest.raises(FileNotFoundError, match="generator nobody") as info:
+        store.load_arrays(missing, "generator nobody")
+    assert str(missing) in str(info.value) and "materialize" in str(info.value)
+
+
+def test_save_arrays_rejects_unserialisable_meta_and_keeps_old_file(tmp_path):
+    store = Store(tmp_path)
+    target = store.embedding_path("m")
+    store.save_arrays(target, {"X": np.zeros(3)}, {"v": 1})
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        store.save_arrays(target, {"X": np.ones(3)}, {"v": object()})
+    got, meta = store.load_arrays(target, "m")
+    np.testing.assert_array_equal(got["X"], np.zeros(3))
+    assert meta == {"v": 1}
+
+
+def test_save_npy(tmp_path):
+    store = Store(tmp_path)
+    target = store.path("stimuli", "images.npy")
+    a = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
+    store.save_npy(target, a)
+    np.testing.assert_array_equal(np.load(target), a)
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# DuckDB views
+
+
+def query(db: Path, sql: str):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_rebuild_views_sees_every_partition(tmp_path):
+    store = Store(tmp_path)
+    for m, n in [("a", 10), ("a", 20), ("b", 10)]:
+        store.write_table("fits", frame(m, n), {"model": m, "n_train": n})
+    store.write_table("summary", frame("all", 0, rows=1))
+    db = store.rebuild_views()
+    assert db == store.db_path == tmp_path / "recovery.duckdb" and db.is_file()
+    assert query(db, "SELECT count(*) FROM fits") == [(9,)]
+    rows = query(db, "SELECT model, n_train, count(*) FROM fits GROUP BY ALL ORDER BY ALL")
+    assert rows == [("a", 10, 3), ("a", 20, 3), ("b", 10, 3)]
+    assert query(db, "SELECT count(*) FROM summary") == [(1,)]
+    views = query(db, "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1")
+    assert views == [("fits",), ("summary",)]
+    # the DuckDB file holds only views: no base tables
+    assert query(db, "SELECT count(*) FROM duckdb_tables()") == [(0,)]
+    assert leftovers(tmp_path) == []
+
+
+def test_views_are_globs_read_at_query_time(tmp_path):
+    """A partition written after the rebuild is visible at once (the view is a glob), as is a
+    replaced partition's new content; a new *table* needs the next rebuild."""
+    store = Store(tmp_path)
+    store.write_table("fits", frame("a", 10), {"model": "a", "n_train": 10})
+    db = store.rebuild_views()
+    assert query(db, "SELECT count(*) FROM fits") == [(3,)]
+    store.write_table("fits", frame("b", 10, rows=4), {"model": "b", "n_train": 10})
+    assert query(db, "SELECT count(*) FROM fits") == [(7,)]
+    store.write_table("fits", frame("a", 10, rows=1), {"model": "a", "n_train": 10})
+    assert query(db, "SELECT count(*) FROM fits") == [(5,)]
+    store.write_table("late", frame("a", 1))
+    with pytest.raises(duckdb.CatalogException):
+        query(db, "SELECT count(*) FROM late")
+    store.rebuild_views()
+    assert query(db, "SELECT count(*) FROM late") == [(3,)]
+    assert query(db, "SELECT count(*) FROM fits") == [(5,)]
+
+
+def test_rebuild_views_unions_columns_by_name(tmp_path):
+    store = Store(tmp_path)
+    store.write_table("t", pd.DataFrame({"x": [1], "y": ["u"]}), {"k": 1})
+    store.write_table("t", pd.DataFrame({"y": ["v"], "x": [2], "z": [0.5]}), {"k": 2})
+    db = store.rebuild_views()
+    rows = query(db, "SELECT x, y, z FROM t ORDER BY x")
+    assert rows == [(1, "u", None), (2, "v", 0.5)]
+
+
+def test_rebuild_views_replaces_an_open_reader_safely(tmp_path):
+    """The rebuild renames a fresh file into place; a reader of the old file keeps working."""
+    store = Store(tmp_path)
+    store.write_table("fits", frame("a", 10), {"model": "a", "n_train": 10})
+    db = store.rebuild_views()
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        store.write_table("extra", frame("a", 1))
+        store.rebuild_views()
+        assert con.execute("SELECT count(*) FROM fits").fetchall() == [(3,)]
+    finally:
+        con.close()
+    assert query(db, "SELECT count(*) FROM extra") == [(3,)]
+
+
+def test_rebuild_views_with_no_tables(tmp_path):
+    db = Store(tmp_path).rebuild_views()
+    assert db.is_file()
+    assert query(db, "SELECT count(*) FROM duckdb_views() WHERE NOT internal") == [(0,)]
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def test_failed_table_write_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    part = {"model": "a", "n_train": 10}
+    path = store.write_table("fits", frame("a", 10), part)
+    before = path.read_bytes()
+
+    def broken(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"PAR1 half a file")  # a partial write, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_table("fits", frame("a", 10, rows=7), part)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    pd.testing.assert_frame_equal(store.read_table("fits", part), frame("a", 10))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["part.parquet"]
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+
+    def broken(self, target, *args, **kwargs):
+        raise KeyboardInterrupt  # even an interrupt cleans up
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_table("fits", frame("a", 10), {"model": "a"})
+    monkeypatch.undo()
+    assert not store.table_path("fits", {"model": "a"}).exists()
+    assert list((tmp_path / "tables" / "fits" / "model=a").iterdir()) == []
+    assert store.tables() == []
+    with pytest.raises(FileNotFoundError):
+        store.read_table("fits")
+
+
+def test_failed_array_write_keeps_previous_file(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    target = store.embedding_path("m")
+    store.save_arrays(target, {"X": np.zeros(4)}, {"v": 1})
+
+    def broken(fh, **arrays):
+        fh.write(b"garbage")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(storage.np, "savez", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        store.save_arrays(target, {"X": np.ones(4)}, {"v": 2})
+    monkeypatch.undo()
+    got, meta = store.load_arrays(target, "m")
+    np.testing.assert_array_equal(got["X"], np.zeros(4))
+    assert meta == {"v": 1}
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# where the data lives
+
+
+def test_data_root_honours_env(tmp_path, monkeypatch):
+    study = load_study(TINY)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "elsewhere"))
+    assert data_root(study) == (tmp_path / "elsewhere").resolve()
+    monkeypatch.setenv(DATA_ENV, "relative/dir")
+    monkeypatch.chdir(tmp_path)
+    assert data_root(study) == (tmp_path / "relative" / "dir").resolve()
+    assert data_root(study).is_absolute()
+
+
+def test_data_root_default_and_study_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    study = load_study(TINY)
+    assert data_root(study) == (PACKAGE_ROOT / "data" / "tiny").resolve()
+    text = TINY.read_text() + "\ndata_dir: results/here\n"
+    (tmp_path / "s.yaml").write_text(text)
+    local = load_study(tmp_path / "s.yaml")
+    assert data_root(local) == (tmp_path / "results" / "here").resolve()
+    (tmp_path / "t.yaml").write_text(TINY.read_text() + f"\ndata_dir: {tmp_path / 'abs'}\n")
+    assert data_root(load_study(tmp_path / "t.yaml")) == (tmp_path / "abs").resolve()
+    # the environment wins over the study's data_dir
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert data_root(local) == (tmp_path / "env").resolve()
+
+
+def test_rebuild_views_under_a_folder_with_a_quote_in_its_name(tmp_path):
+    """$RECOVERY_DATA is the user's choice; a path like /home/o'brien/data must work."""
+    store = Store(tmp_path / "o'brien")
+    store.write_table("fits", frame("a", 10), {"model": "a", "n_train": 10})
+    db = store.rebuild_views()
+    assert query(db, "SELECT count(*) FROM fits") == [(3,)]

@@ -1,0 +1,329 @@
+"""Tests of the study file (recovery_assets.study): the bundled studies load with the expected
+settings, and every kind of bad file is refused with one StudyError naming the file and the
+problem."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recovery_assets.study import DEFAULT_STUDY, STUDY_ENV, StudyError, load_study
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "studies" / "demo.yaml"
+TINY = ROOT / "studies" / "tiny.yaml"
+
+# a valid study, as a document to mutate
+BASE = {
+    "name": "unit",
+    "kind": "demo",
+    "stimuli": {"n_families": 3, "crops_per_family": 3, "size": 16, "seed": 0},
+    "models": [
+        {"name": "a", "source": "timm", "arch": "resnet18", "weights": "random", "seed": 0},
+        {"name": "b", "source": "timm", "arch": "resnet18", "weights": "random", "seed": 1},
+    ],
+    "human": {"source": "demo_observer", "convention_reference": "pixels"},
+    "probe": {"family": "full", "penalty": "shrinkage", "dtype": "float64", "max_iter": 50},
+    "generator": {"lambdas": [0.001, 0.1], "cv_folds": 3, "calibration_target": "noise_ceiling"},
+    "candidates": {"lambdas": [0.001, 0.1]},
+    "sizes": [20, 10],
+    "simulations": 2,
+}
+
+
+def write(tmp_path: Path, doc, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def mutated(fn) -> dict:
+    doc = copy.deepcopy(BASE)
+    fn(doc)
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# the bundled studies
+
+
+def test_demo_study():
+    s = load_study(DEMO)
+    assert s.path == DEMO.resolve()
+    assert s.name == "demo" and s.kind == "demo"
+    assert s.model_names == [
+        "resnet18",
+        "resnet18_seed1",
+        "ghostnet",
+        "convnext_atto",
+        "vit_tiny",
+        "mixer_s16",
+    ]
+    assert s.model("resnet18_seed1").seed == 1
+    assert s.model("ghostnet").arch == "ghostnet_100"
+    assert all(m.source == "timm" and m.weights == "random" for m in s.models)
+    assert s.sizes == (50, 200, 800, 3200)
+    assert s.largest_size == 3200
+    assert s.simulations == 5
+    assert (s.spec.family, s.spec.penalty, s.spec.k) == ("full", "shrinkage", None)
+    assert s.probe_dtype == "float32" and s.max_iter == 500
+    assert s.generator_lambdas == (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    assert s.candidate_lambdas == (1e-4, 1e-2, 1.0)
+    assert s.generator_cv_folds == 5 and s.generator_cv_seed == 42
+    assert s.calibration_target == "noise_ceiling"
+    assert s.convention_reference == "pixels"
+    assert s.human["n_train"] == 6000 and s.human["repeats"] == 10
+    assert s.stimuli == {"n_families": 10, "crops_per_family": 15, "size": 64, "seed": 0}
+    assert s.regression == {"n_boot": 2000, "seed": 0}
+    assert s.device == "auto"
+    with pytest.raises(StudyError, match="unknown model 'nope'"):
+        s.model("nope")
+
+
+def test_tiny_study():
+    s = load_study(TINY)
+    assert s.name == "tiny" and s.kind == "demo"
+    assert s.model_names == ["resnet18", "resnet18_seed1", "mobilenetv3_small"]
+    assert s.model("mobilenetv3_small").arch == "mobilenetv3_small_100"
+    assert s.sizes == (50, 100)
+    assert s.simulations == 2
+    assert s.generator_lambdas == (1e-3, 1e-1)
+    assert s.candidate_lambdas == (1e-3, 1e-1)
+    assert s.generator_cv_folds == 3
+    assert s.max_iter == 500 and s.probe_dtype == "float32"
+    assert s.device == "cpu"
+    assert s.regression == {"n_boot": 200, "seed": 0}
+
+
+def test_base_document_is_valid_and_sizes_are_sorted(tmp_path):
+    s = load_study(write(tmp_path, BASE))
+    assert s.model_names == ["a", "b"]
+    assert s.sizes == (10, 20)
+    assert s.probe_dtype == "float64" and s.max_iter == 50
+
+
+def test_things_study_with_random_weights_allowed_explicitly(tmp_path):
+    doc = mutated(lambda d: d.update(kind="things", allow_random_weights=True))
+    assert load_study(write(tmp_path, doc)).kind == "things"
+
+
+def test_things_study_accepts_checkpoints_and_features(tmp_path):
+    def fn(d):
+        d["kind"] = "things"
+        d["models"] = [
+            {"name": "a", "arch": "resnet18", "weights": "checkpoint", "checkpoint": "a.pth"},
+            {"name": "b", "source": "features", "features": "b.npy"},
+        ]
+
+    s = load_study(write(tmp_path, mutated(fn)))
+    assert s.model("a").checkpoint == "a.pth" and s.model("a").source == "timm"
+    assert s.model("b").source == "features" and s.model("b").features == "b.npy"
+
+
+def test_convention_reference_may_name_a_model(tmp_path):
+    doc = mutated(lambda d: d["human"].update(convention_reference="b"))
+    assert load_study(write(tmp_path, doc)).convention_reference == "b"
+
+
+# ----------------------------------------------------------------------------------------------
+# bad files
+
+
+def _del(key):
+    return lambda d: d.pop(key)
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+def _models(*names_or_entries):
+    def fn(d):
+        d["models"] = [
+            e if isinstance(e, dict) else {"name": e, "arch": "resnet18", "weights": "random"}
+            for e in names_or_entries
+        ]
+
+    return fn
+
+
+BAD = {
+    "missing_name": (_del("name"), "missing required key 'name'"),
+    "missing_models": (_del("models"), "missing required key 'models'"),
+    "missing_generator": (_del("generator"), "missing required key 'generator'"),
+    "missing_candidates": (_del("candidates"), "missing required key 'candidates'"),
+    "missing_sizes": (_del("sizes"), "missing required key 'sizes'"),
+    "missing_simulations": (_del("simulations"), "missing required key 'simulations'"),
+    "missing_candidate_lambdas": (
+        lambda d: d["candidates"].pop("lambdas"),
+        "missing required key 'lambdas'",
+    ),
+    "unknown_family": (
+        lambda d: d["probe"].update(family="banana"),
+        "unknown probe family 'banana'",
+    ),
+    "unknown_penalty": (lambda d: d["probe"].update(penalty="l7"), "unknown penalty 'l7'"),
+    "rank_without_k": (lambda d: d["probe"].update(family="rank"), "needs a positive integer k"),
+    "bad_dtype": (lambda d: d["probe"].update(dtype="float16"), "probe.dtype"),
+    "unknown_kind": (_set("kind", "cifar"), "kind must be demo or things"),
+    "duplicate_models": (_models("a", "b", "a"), r"duplicate model names \['a'\]"),
+    "timm_without_weights": (
+        _models({"name": "a", "arch": "resnet18"}, "b"),
+        "model 'a' must say its weights",
+    ),
+    "checkpoint_without_file": (
+        _models({"name": "a", "arch": "resnet18", "weights": "checkpoint"}, "b"),
+        "weights: checkpoint needs 'checkpoint:'",
+    ),
+    "unknown_weights": (
+        _models({"name": "a", "arch": "resnet18", "weights": "imagenet"}, "b"),
+        "weights must be random or checkpoint",
+    ),
+    "unknown_source": (
+        _models({"name": "a", "source": "hub"}, "b"),
+        "source must be timm or features",
+    ),
+    "bad_model_name": (_models("a b", "c"), "models\\[0\\].name 'a b'"),
+    "one_model": (_models("a"), "at least 2 models"),
+    "no_models": (_models(), "at least 2 models"),
+    "decreasing_lambdas": (
+        lambda d: d["generator"].update(lambdas=[0.1, 0.001]),
+        "'lambdas' must be strictly increasing",
+    ),
+    "repeated_lambdas": (
+        lambda d: d["candidates"].update(lambdas=[0.1, 0.1]),
+        "'lambdas' must be strictly increasing",
+    ),
+    "negative_lambda": (
+        lambda d: d["candidates"].update(lambdas=[-0.1, 0.1]),
+        "'lambdas' must hold finite numbers >= 0",
+    ),
+    "nan_lambda": (
+        lambda d: d["candidates"].update(lambdas=[float("nan"), 0.1]),
+        "'lambdas' must hold finite numbers >= 0",
+    ),
+    "text_lambda": (
+        lambda d: d["candidates"].update(lambdas=["small", 0.1]),
+        "'lambdas' holds a non-number 'small'",
+    ),
+    "empty_lambdas": (lambda d: d["generator"].update(lambdas=[]), "'lambdas' is empty"),
+    "zero_size": (_set("sizes", [0, 10]), "sizes must be a non-empty list of positive integers"),
+    "negative_size": (_set("sizes", [-5, 10]), "sizes must be a non-empty list of positive"),
+    "fractional_size": (_set("sizes", [2.5, 10]), "sizes must be a non-empty list of positive"),
+    "text_size": (_set("sizes", ["10", 20]), "sizes must be a non-empty list of positive"),
+    "empty_sizes": (_set("sizes", []), "sizes must be a non-empty list of positive"),
+    "sizes_not_a_list": (_set("sizes", 100), "'sizes' must be a list"),
+    "duplicate_sizes": (_set("sizes", [10, 10]), "sizes has duplicates"),
+    "zero_simulations": (_set("simulations", 0), "simulations' must be >= 1"),
+    "unknown_convention_reference": (
+        lambda d: d["human"].update(convention_reference="alexnet"),
+        "convention_reference must be 'pixels' or one of the models",
+    ),
+    "things_random_weights": (
+        _set("kind", "things"),
+        "THINGS study refuses random weights",
+    ),
+    "things_random_weights_not_allowed": (
+        lambda d: d.update(kind="things", allow_random_weights=False),
+        "THINGS study refuses random weights",
+    ),
+    "bad_calibration_target": (
+        lambda d: d["generator"].update(calibration_target=0.2),
+        "calibration_target",
+    ),
+    "top_level_list": (lambda d: None, "expected a map at the top level"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_study_names_file_and_problem(tmp_path, case):
+    fn, message = BAD[case]
+    doc = [BASE] if case == "top_level_list" else mutated(fn)
+    path = write(tmp_path, doc, f"{case}.yaml")
+    with pytest.raises(StudyError, match=message) as info:
+        load_study(path)
+    text = str(info.value)
+    assert text.startswith(str(path.resolve())), text
+    assert "\n" not in text  # one line
+
+
+def test_things_random_weights_names_the_models(tmp_path):
+    def fn(d):
+        d["kind"] = "things"
+        d["models"].append({"name": "c", "source": "features", "features": "c.npy"})
+
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, mutated(fn)))
+    assert "['a', 'b']" in str(info.value) and "'c'" not in str(info.value)
+    assert "allow_random_weights" in str(info.value)
+
+
+def test_invalid_yaml(tmp_path):
+    path = write(tmp_path, "name: x\nmodels: [a, b\n  sizes: {", "broken.yaml")
+    with pytest.raises(StudyError, match="not valid YAML") as info:
+        load_study(path)
+    assert str(path.resolve()) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(StudyError, match="study file not found") as info:
+        load_study(path)
+    assert str(path.resolve()) in str(info.value)
+    assert STUDY_ENV in str(info.value)
+
+
+def test_study_error_is_a_value_error():
+    assert issubclass(StudyError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# RECOVERY_STUDY
+
+
+def test_env_var_selects_the_study(tmp_path, monkeypatch):
+    path = write(tmp_path, BASE, "chosen.yaml")
+    monkeypatch.setenv(STUDY_ENV, str(path))
+    s = load_study()
+    assert s.name == "unit" and s.path == path.resolve()
+    # an explicit path wins over the environment
+    assert load_study(TINY).name == "tiny"
+
+
+def test_env_var_pointing_nowhere_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv(STUDY_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(StudyError, match="missing.yaml: study file not found"):
+        load_study()
+
+
+def test_default_is_demo_without_env(monkeypatch):
+    monkeypatch.delenv(STUDY_ENV, raising=False)
+    assert DEFAULT_STUDY == DEMO
+    s = load_study()
+    assert s.name == "demo" and s.path == DEMO.resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# values of the wrong type deeper in the file are StudyErrors too (not bare ValueError/TypeError)
+
+
+TYPE_CASES = {
+    # YAML `true` is a bool, which Python counts as an int: it is not a training size
+    "bool_size": (_set("sizes", [True, 10]), "sizes must be a non-empty list of positive"),
+    "bool_simulations": (_set("simulations", True), "simulations"),
+    "text_max_iter": (lambda d: d["probe"].update(max_iter="many"), "max_iter"),
+    "text_cv_folds": (lambda d: d["generator"].update(cv_folds="five"), "cv_folds"),
+    "regression_not_a_map": (_set("regression", [1, 2]), "regression"),
+}
+
+
+@pytest.mark.parametrize("case", list(TYPE_CASES))
+def test_bad_value_types_are_study_errors(tmp_path, case):
+    fn, message = TYPE_CASES[case]
+    path = write(tmp_path, mutated(fn), f"{case}.yaml")
+    with pytest.raises(StudyError, match=message) as info:
+        load_study(path)
+    assert str(info.value).startswith(str(path.resolve()))
