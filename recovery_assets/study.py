@@ -20,6 +20,10 @@ from recovery_assets.core.probe import ProbeSpec
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STUDY = PACKAGE_ROOT / "studies" / "demo.yaml"
 STUDY_ENV = "RECOVERY_STUDY"
+# Kinds of study this version can run: the demo universe. (A THINGS study, kind "things", needs the
+# THINGS folder and precomputed-feature sources, which are not part of this version.)
+KINDS = ("demo",)
+MODEL_SOURCES = ("timm",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -29,15 +33,14 @@ class StudyError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One candidate model: a timm architecture (with weights) or precomputed features."""
+    """One candidate model: a timm architecture with random weights or a local checkpoint."""
 
     name: str
-    source: str  # "timm" or "features"
+    source: str  # "timm"
     arch: str | None = None
     weights: str = "random"  # "random" or "checkpoint"
     checkpoint: str | None = None
     seed: int = 0
-    features: str | None = None  # path for source "features"
     options: dict = field(default_factory=dict)
 
 
@@ -45,7 +48,7 @@ class ModelEntry:
 class Study:
     path: Path
     name: str
-    kind: str  # "demo" or "things"
+    kind: str  # "demo"
     models: tuple[ModelEntry, ...]
     sizes: tuple[int, ...]
     simulations: int
@@ -163,9 +166,9 @@ def _model(entry: Any, i: int, path: Path, kind: str) -> ModelEntry:
             seed=_int(entry, "seed", path, 0, minimum=0),
             options=dict(entry.get("options") or {}),
         )
-    if source == "features":
-        return ModelEntry(name=name, source="features", features=_get(entry, "features", path, str))
-    raise StudyError(f"{path}: model {name!r}: source must be timm or features, got {source!r}")
+    raise StudyError(
+        f"{path}: model {name!r}: source must be one of {list(MODEL_SOURCES)}, got {source!r}"
+    )
 
 
 def load_study(path: str | os.PathLike | None = None) -> Study:
@@ -183,8 +186,8 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
     if not _NAME.match(name):
         raise StudyError(f"{path}: name {name!r}: use letters, digits, _ . -")
     kind = _get(doc, "kind", path, str)
-    if kind not in ("demo", "things"):
-        raise StudyError(f"{path}: kind must be demo or things, got {kind!r}")
+    if kind not in KINDS:
+        raise StudyError(f"{path}: kind must be one of {list(KINDS)}, got {kind!r}")
     raw_models = _get(doc, "models", path, list)
     models = tuple(_model(m, i, path, kind) for i, m in enumerate(raw_models))
     if len(models) < 2:
@@ -193,13 +196,6 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise StudyError(f"{path}: duplicate model names {dup}")
-    if kind == "things" and not doc.get("allow_random_weights", False):
-        rnd = [m.name for m in models if m.source == "timm" and m.weights == "random"]
-        if rnd:
-            raise StudyError(
-                f"{path}: a THINGS study refuses random weights (models {rnd}); give "
-                "checkpoints, precomputed features, or set allow_random_weights: true"
-            )
     sizes = _get(doc, "sizes", path, list)
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise StudyError(f"{path}: sizes must be a non-empty list of positive integers")

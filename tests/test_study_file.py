@@ -105,22 +105,22 @@ def test_base_document_is_valid_and_sizes_are_sorted(tmp_path):
     assert s.probe_dtype == "float64" and s.max_iter == 50
 
 
-def test_things_study_with_random_weights_allowed_explicitly(tmp_path):
-    doc = mutated(lambda d: d.update(kind="things", allow_random_weights=True))
-    assert load_study(write(tmp_path, doc)).kind == "things"
+def test_things_kind_is_not_accepted_by_this_version(tmp_path):
+    doc = mutated(lambda d: d.update(kind="things"))
+    with pytest.raises(StudyError, match=r"kind must be one of \['demo'\]"):
+        load_study(write(tmp_path, doc))
 
 
-def test_things_study_accepts_checkpoints_and_features(tmp_path):
+def test_checkpoint_weights_are_recorded(tmp_path):
     def fn(d):
-        d["kind"] = "things"
         d["models"] = [
             {"name": "a", "arch": "resnet18", "weights": "checkpoint", "checkpoint": "a.pth"},
-            {"name": "b", "source": "features", "features": "b.npy"},
+            {"name": "b", "arch": "resnet18", "weights": "random", "seed": 1},
         ]
 
     s = load_study(write(tmp_path, mutated(fn)))
     assert s.model("a").checkpoint == "a.pth" and s.model("a").source == "timm"
-    assert s.model("b").source == "features" and s.model("b").features == "b.npy"
+    assert s.model("b").seed == 1 and s.model("b").checkpoint is None
 
 
 def test_convention_reference_may_name_a_model(tmp_path):
@@ -168,7 +168,7 @@ BAD = {
     "unknown_penalty": (lambda d: d["probe"].update(penalty="l7"), "unknown penalty 'l7'"),
     "rank_without_k": (lambda d: d["probe"].update(family="rank"), "needs a positive integer k"),
     "bad_dtype": (lambda d: d["probe"].update(dtype="float16"), "probe.dtype"),
-    "unknown_kind": (_set("kind", "cifar"), "kind must be demo or things"),
+    "unknown_kind": (_set("kind", "cifar"), "kind must be one of"),
     "duplicate_models": (_models("a", "b", "a"), r"duplicate model names \['a'\]"),
     "timm_without_weights": (
         _models({"name": "a", "arch": "resnet18"}, "b"),
@@ -184,7 +184,7 @@ BAD = {
     ),
     "unknown_source": (
         _models({"name": "a", "source": "hub"}, "b"),
-        "source must be timm or features",
+        "source must be one of",
     ),
     "bad_model_name": (_models("a b", "c"), "models\\[0\\].name 'a b'"),
     "one_model": (_models("a"), "at least 2 models"),
@@ -222,14 +222,6 @@ BAD = {
         lambda d: d["human"].update(convention_reference="alexnet"),
         "convention_reference must be 'pixels' or one of the models",
     ),
-    "things_random_weights": (
-        _set("kind", "things"),
-        "THINGS study refuses random weights",
-    ),
-    "things_random_weights_not_allowed": (
-        lambda d: d.update(kind="things", allow_random_weights=False),
-        "THINGS study refuses random weights",
-    ),
     "bad_calibration_target": (
         lambda d: d["generator"].update(calibration_target=0.2),
         "calibration_target",
@@ -248,17 +240,6 @@ def test_bad_study_names_file_and_problem(tmp_path, case):
     text = str(info.value)
     assert text.startswith(str(path.resolve())), text
     assert "\n" not in text  # one line
-
-
-def test_things_random_weights_names_the_models(tmp_path):
-    def fn(d):
-        d["kind"] = "things"
-        d["models"].append({"name": "c", "source": "features", "features": "c.npy"})
-
-    with pytest.raises(StudyError) as info:
-        load_study(write(tmp_path, mutated(fn)))
-    assert "['a', 'b']" in str(info.value) and "'c'" not in str(info.value)
-    assert "allow_random_weights" in str(info.value)
 
 
 def test_invalid_yaml(tmp_path):
