@@ -14,7 +14,6 @@ setup: $(STAMP)
 # Idempotent: re-runs only when pyproject.toml changes (or the venv is missing).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
