@@ -72,9 +72,12 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
         )
         return _finish(store, row)
 
+    # the convention is detected with a reference similarity: pixels, or a model's features
+    human_deps = [stimuli] if study.convention_reference == "pixels" else [stimuli, embeddings]
+
     @dg.asset(
         group_name="inputs",
-        deps=[stimuli],
+        deps=human_deps,
         check_specs=[dg.AssetCheckSpec("convention_unambiguous", asset="human_judgements")],
     )
     def human_judgements(
