@@ -111,7 +111,11 @@ class Store:
         return arrays, meta
 
     def save_npy(self, target: Path, array: np.ndarray) -> Path:
-        return _atomic(target, lambda tmp: np.save(open(tmp, "wb"), array))  # noqa: SIM115
+        def write(tmp):
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+
+        return _atomic(target, write)
 
     # ------------------------------------------------------------------ tables
     def table_path(self, table: str, partition: Mapping[str, Any] | None = None) -> Path:

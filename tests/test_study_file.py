@@ -75,8 +75,8 @@ def test_demo_study():
     assert s.generator_cv_folds == 5 and s.generator_cv_seed == 42
     assert s.calibration_target == "noise_ceiling"
     assert s.convention_reference == "pixels"
-    assert s.human["n_train"] == 6000 and s.human["repeats"] == 10
-    assert s.stimuli == {"n_families": 10, "crops_per_family": 15, "size": 64, "seed": 0}
+    assert s.human["n_train"] == 4000 and s.human["repeats"] == 10
+    assert s.stimuli == {"n_families": 8, "crops_per_family": 15, "size": 64, "seed": 0}
     assert s.regression == {"n_boot": 2000, "seed": 0}
     assert s.device == "auto"
     with pytest.raises(StudyError, match="unknown model 'nope'"):
