@@ -180,18 +180,6 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
     click.echo(json.dumps(record))
 
 
-@main.command("quickdemo")
-@click.option("--concepts", default=90, show_default=True, help="toy universe size")
-@click.option("--simulations", default=3, show_default=True)
-def quickdemo(concepts: int, simulations: int) -> None:
-    """Run a toy recovery study straight through the core (no Dagster) and print it."""
-    from recovery_assets import quickdemo as qd
-
-    table = qd.run(n_concepts=concepts, simulations=simulations, echo=click.echo)
-    click.echo("\nrecovery curve:")
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-
-
 def _open_study(study_path: str | None):
     from recovery_assets.study import StudyError, load_study
 
