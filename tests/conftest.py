@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,3 +52,28 @@ def tiny_run(tmp_path_factory) -> TinyRun:
             study, instance, echo=lambda s: None, storage_root=str(data), log_level="WARNING"
         )
     return TinyRun(study_path=TINY, data=data, home=home)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Torch on one thread for the module (small fits; no oversubscription of 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a program in its own process group (so it can be killed whole), output to ``log``."""
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )

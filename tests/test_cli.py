@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 from recovery_assets.cli import main
@@ -23,12 +22,7 @@ TINY = ROOT / "studies" / "tiny.yaml"
 N, P, M = 12, 5, 80
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_inputs(folder: Path, seed: int = 0) -> dict[str, Path]:

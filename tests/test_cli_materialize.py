@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from conftest import spawn
 
 from recovery_assets.study import load_study
 
@@ -60,26 +61,17 @@ def test_cli_materialize_candidate_scores_partition(tiny_run, tmp_path):
         str(key),
     ]
     log = tmp_path / "materialize.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+    proc = spawn(cmd, env, log)
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        pytest.fail(f"`dagster asset materialize` ran past {TIMEOUT_S} s:\n{_tail(log)}")
+    finally:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-            pytest.fail(f"`dagster asset materialize` ran past {TIMEOUT_S} s:\n{_tail(log)}")
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
     assert rc == 0, f"`{' '.join(cmd)}` exited with {rc}:\n{_tail(log)}"
 
     assert part.is_file(), f"{part} vanished"

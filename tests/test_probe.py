@@ -8,7 +8,6 @@ torch.optim.LBFGS (strong Wolfe) in float64 until the objective stops changing.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
@@ -21,17 +20,11 @@ from recovery_assets.core.probe import FitProblem, ProbeSpec, fit_probes, probe_
 F64 = torch.float64
 TIGHT = dict(dtype=F64, rel_tol=1e-13, max_iter=5000, history=20)
 # the keyword capping how many fits advance together (renamed while the module evolves)
-BATCH_KW = "max_batch" if "max_batch" in inspect.signature(fit_probes).parameters else "batch_size"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These problems are tiny: intra-op threading only adds overhead, and on a loaded 2-core
-    machine it made one float64 backward pass ~300x slower (250 ms against 0.8 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These problems are tiny: intra-op threading only adds overhead (on a loaded 2-core machine it
+# made one float64 backward pass ~300x slower).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def one(v):
@@ -354,7 +347,7 @@ def test_batched_lambdas_equal_single_fits():
     lams = [1e-3, 1e-2, 1e-1]
     spec = ProbeSpec.parse("full", "shrinkage")
     together = fit_probes([problem_of(d, lams)], spec, **TIGHT)[0]
-    chunked = fit_probes([problem_of(d, lams)], spec, **{BATCH_KW: 2}, **TIGHT)[0]
+    chunked = fit_probes([problem_of(d, lams)], spec, max_batch=2, **TIGHT)[0]
     for lam, fb, fc in zip(lams, together, chunked, strict=True):
         (fs,) = fit_probes([problem_of(d, [lam])], spec, **TIGHT)[0]
         assert fb.lam == fs.lam == lam
@@ -383,7 +376,7 @@ def test_batch_cap_bounds_the_fits_advancing_together(monkeypatch):
     d2 = make_problem(23, p=12, n_train=14)  # same r = 12: stackable with d1
     lams = [1e-3, 1e-2, 1e-1]
     spec = ProbeSpec.parse("full", "shrinkage")
-    fits = fit_probes([problem_of(d1, lams), problem_of(d2, lams)], spec, **{BATCH_KW: 2})
+    fits = fit_probes([problem_of(d1, lams), problem_of(d2, lams)], spec, max_batch=2)
     assert [[f.lam for f in row] for row in fits] == [lams, lams]
     assert sum(sizes) == 6
     assert max(sizes) <= 2, sizes
@@ -408,7 +401,7 @@ def test_two_problems_in_one_call_equal_each_alone(family, penalty, p2):
     spec = ProbeSpec.parse(family, penalty)
     probs = [problem_of(d1, [0.02, 0.2]), problem_of(d2, [0.05])]
     alone = fit_probes(probs[:1], spec, **TIGHT)[0] + fit_probes(probs[1:], spec, **TIGHT)[0]
-    for kw in ({}, {BATCH_KW: 100}):
+    for kw in ({}, {"max_batch": 100}):
         both = fit_probes(probs, spec, **kw, **TIGHT)
         assert [len(x) for x in both] == [2, 1]
         assert [f.lam for f in both[0] + both[1]] == [0.02, 0.2, 0.05]

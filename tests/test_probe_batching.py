@@ -17,12 +17,7 @@ F64 = torch.float64
 TIGHT = dict(dtype=F64, rel_tol=1e-13, max_iter=5000, history=20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_problem(seed: int, p: int, n_train: int, n_trip: int, n_held: int = 5) -> dict:

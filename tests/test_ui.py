@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import spawn
 
 from recovery_assets.study import load_study
 
@@ -192,16 +193,7 @@ def webserver(tiny_run, tmp_path_factory) -> Iterator[Webserver]:
     log = tmp_path_factory.mktemp("webserver") / "webserver.log"
     env = tiny_run.env()
     cmd = [str(exe), "-h", "127.0.0.1", "-p", str(port), "-m", "recovery_assets.definitions"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc = spawn(cmd, env, log)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         why = "not started"
