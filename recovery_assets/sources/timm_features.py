@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,16 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__all__ = ["DEMO_MODELS", "DemoModel", "create_model", "extract_features", "load_checkpoint"]
+__all__ = [
+    "DEMO_MODELS",
+    "DemoModel",
+    "count_parameters",
+    "create_model",
+    "extract_features",
+    "extract_image_files",
+    "hf_cache_checkpoint",
+    "load_checkpoint",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -151,7 +160,8 @@ def _classifier_prefixes(model) -> tuple[str, ...]:
 def load_checkpoint(model, arch: str, checkpoint: str | os.PathLike[str]) -> str:
     """Load a local state dict into ``model`` with strict key and shape checks.
 
-    The file is read with ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or
+    The file is read with ``torch.load(weights_only=True)`` (``.safetensors`` files with
+    safetensors); a ``{"state_dict": ...}`` or
     ``{"model": ...}`` wrapper and a ``module.`` prefix are accepted. Classifier weights (the
     architecture's ``pretrained_cfg["classifier"]``) are dropped, since the model is built without
     a classifier (``num_classes=0``). Every other key must match the model exactly, in name and
@@ -172,9 +182,15 @@ def load_checkpoint(model, arch: str, checkpoint: str | os.PathLike[str]) -> str
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"checkpoint file {path} does not exist")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot read checkpoint {path} as a torch state dict: {exc}") from exc
     state = _unwrap_state_dict(obj, path)
@@ -221,6 +237,7 @@ def extract_features(
     batch_size: int = 32,
     log: Callable[[str], None] | None = None,
     num_threads: int | None = None,
+    layer: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pooled pre-logits embeddings of ``images`` from a timm network (study.md §3).
 
@@ -246,6 +263,8 @@ def extract_features(
     num_threads : optional torch intra-op CPU threads for this call (restored afterwards). On a
         small machine shared with other busy processes, 1 thread can be 10-100x faster than
         oversubscribed OpenMP threads; ``None`` keeps torch's setting.
+    layer : optional module name (``model.named_modules()``) whose pooled output replaces the
+        pre-logits embedding (4-D outputs averaged over space, 3-D over tokens).
 
     Returns
     -------
@@ -284,10 +303,80 @@ def extract_features(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _extract(arch, arr, seed, weights, checkpoint, device, batch_size, log)
+        return _extract(arch, arr, seed, weights, checkpoint, device, batch_size, log, layer)
     finally:
         if num_threads is not None:
             torch.set_num_threads(previous_threads)
+
+
+def _build(
+    arch: str,
+    seed: int,
+    weights: str,
+    checkpoint: str | os.PathLike[str] | None,
+    device: str,
+    image_size: tuple[int, int] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """The network in eval mode on ``device`` (checkpoint loaded) and its provenance."""
+    model = create_model(arch, seed=seed, image_size=image_size)
+    info: dict[str, Any] = {"arch": arch, "weights": weights, "seed": int(seed)}
+    if checkpoint is not None:
+        info["checkpoint_sha256"] = load_checkpoint(model, arch, checkpoint)
+        info["checkpoint"] = str(checkpoint)
+        if weights == "random":
+            info["weights"] = "checkpoint"
+    info["n_params"] = int(sum(p.numel() for p in model.parameters()))
+    info["timm_embedding_dim"] = _embedding_dim(model)
+    return model.to(device).eval(), info
+
+
+class _Embedder:
+    """``x -> features``: the pooled pre-logits embedding, or the pooled output of ``layer``.
+
+    With a ``layer`` (a module name of ``model.named_modules()``), a forward hook captures that
+    module's output during ``forward_features``; 4-D outputs (N, C, H, W) are averaged over space,
+    3-D outputs (N, tokens, C) over tokens, 2-D outputs are used as they are.
+    """
+
+    def __init__(self, model, arch: str, layer: str | None):
+        self.model, self.layer, self.captured = model, layer, None
+        if layer is not None:
+            modules = dict(model.named_modules())
+            if layer not in modules or layer == "":
+                names = [n for n in modules if n and n.count(".") <= 1]
+                raise ValueError(
+                    f"{arch} has no layer {layer!r}; top-level modules include "
+                    f"{names[:12]}{' ...' if len(names) > 12 else ''}"
+                )
+            modules[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.captured = output[0] if isinstance(output, tuple | list) else output
+
+    def __call__(self, x):
+        if self.layer is None:
+            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        self.captured = None
+        self.model.forward_features(x)
+        out = self.captured
+        if out is None:  # pragma: no cover - a module that forward_features never calls
+            raise ValueError(f"layer {self.layer!r} is not used by forward_features")
+        if out.ndim == 4:
+            return out.mean(dim=(2, 3))
+        if out.ndim == 3:
+            return out.mean(dim=1)
+        return out
+
+
+def _normaliser(model, device):
+    import torch
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(float(v) for v in cfg.get("std") or IMAGENET_STD)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std, mean_t, std_t
 
 
 def _extract(
@@ -299,24 +388,14 @@ def _extract(
     device: str,
     batch_size: int,
     log: Callable[[str], None] | None,
+    layer: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     import torch
 
     n, height, width = arr.shape[:3]
-    model = create_model(arch, seed=seed, image_size=(height, width))
-    info: dict[str, Any] = {"arch": arch, "weights": weights, "seed": int(seed)}
-    if checkpoint is not None:
-        info["checkpoint_sha256"] = load_checkpoint(model, arch, checkpoint)
-        info["checkpoint"] = str(checkpoint)
-        if weights == "random":
-            info["weights"] = "checkpoint"
-    model = model.to(device).eval()
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(float(v) for v in cfg.get("mean") or IMAGENET_MEAN)
-    std = tuple(float(v) for v in cfg.get("std") or IMAGENET_STD)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    model, info = _build(arch, seed, weights, checkpoint, device, (height, width))
+    embed = _Embedder(model, arch, layer)
+    mean, std, mean_t, std_t = _normaliser(model, device)
 
     n_batches = (n + batch_size - 1) // batch_size
     out: list[np.ndarray] = []
@@ -327,23 +406,138 @@ def _extract(
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = (x - mean_t) / std_t
             try:
-                feats = model.forward_head(model.forward_features(x), pre_logits=True)
+                feats = embed(x)
             except RuntimeError as exc:
                 raise RuntimeError(f"{arch} failed on {height}x{width} images: {exc}") from exc
-            feats = feats.reshape(feats.shape[0], -1)
-            out.append(feats.float().cpu().numpy())
+            out.append(feats.reshape(feats.shape[0], -1).float().cpu().numpy())
             _log(log, f"{arch} (seed {seed}): batch {b + 1}/{n_batches}, {chunk.shape[0]} images")
     features = np.ascontiguousarray(np.concatenate(out, axis=0), dtype=np.float32)
-
     info.update(
-        n_params=int(sum(p.numel() for p in model.parameters())),
         embedding_dim=int(features.shape[1]),
-        timm_embedding_dim=_embedding_dim(model),
         image_size=(int(height), int(width)),
         mean=mean,
         std=std,
+        layer=layer or "pre_logits",
     )
     return features, info
+
+
+def extract_image_files(
+    arch: str,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    seed: int = 0,
+    weights: str = "random",
+    checkpoint: str | os.PathLike[str] | None = None,
+    layer: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    log: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embeddings of image files (THINGS) with the network's own evaluation preprocessing.
+
+    Each image is opened with PIL, converted to RGB and passed through timm's evaluation
+    transform for the architecture (``resolve_data_config`` + ``create_transform``: resize,
+    centre crop at the model's ``crop_pct``, normalise with its mean and std), so a pretrained
+    network sees its images as in its own evaluation. Then as :func:`extract_features`. Progress
+    is logged every batch.
+
+    Raises
+    ------
+    ValueError
+        Unknown architecture or layer, a checkpoint that does not fit, ``weights`` other than
+        ``"random"`` without a checkpoint, no paths, or an unreadable image (named).
+    """
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    _check_arch(arch)
+    files = [Path(p) for p in paths]
+    if not files:
+        raise ValueError("no image files given")
+    if checkpoint is None and weights != "random":
+        raise ValueError(
+            f"weights={weights!r} needs a local checkpoint file (nothing is downloaded); "
+            "use weights='random' or pass checkpoint=<path>"
+        )
+    model, info = _build(arch, seed, weights, checkpoint, device, None)
+    embed = _Embedder(model, arch, layer)
+    config = resolve_data_config({}, model=model)
+    transform = create_transform(**config, is_training=False)
+    n_batches = (len(files) + batch_size - 1) // batch_size
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for b in range(n_batches):
+            tensors = []
+            for path in files[b * batch_size : (b + 1) * batch_size]:
+                try:
+                    with Image.open(path) as image:
+                        tensors.append(transform(image.convert("RGB")))
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"{path}: cannot read the image ({exc})") from exc
+            x = torch.stack(tensors).to(device)
+            feats = embed(x)
+            out.append(feats.reshape(feats.shape[0], -1).float().cpu().numpy())
+            _log(log, f"{arch}: batch {b + 1}/{n_batches} ({len(tensors)} images)")
+    features = np.ascontiguousarray(np.concatenate(out, axis=0), dtype=np.float32)
+    info.update(
+        embedding_dim=int(features.shape[1]),
+        image_size=tuple(int(v) for v in config["input_size"][1:]),
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+        crop_pct=float(config.get("crop_pct") or 1.0),
+        layer=layer or "pre_logits",
+    )
+    return features, info
+
+
+def count_parameters(arch: str) -> int:
+    """Parameters of ``arch`` without its classifier, counted on the meta device (no memory).
+
+    Used for precomputed-feature models whose image tower is a timm architecture
+    (``n_params_like:`` in a study file).
+    """
+    import timm
+    import torch
+
+    _check_arch(arch)
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def hf_cache_checkpoint(arch: str, repo: str | None = None) -> Path:
+    """The weights file of ``repo`` in the offline Hugging Face cache (nothing is downloaded).
+
+    ``repo`` defaults to the ``hf_hub_id`` of the architecture's pretrained config (so
+    ``resnet50.tv_in1k`` -> ``timm/resnet50.tv_in1k``). The cache is ``$HF_HUB_CACHE`` (default
+    ``~/.cache/huggingface/hub``); ``model.safetensors`` is preferred over ``pytorch_model.bin``.
+
+    Raises
+    ------
+    ValueError
+        When the repository has no weights file in the cache (with the cache folder searched).
+    """
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    _check_arch(arch)
+    if repo is None:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        repo = getattr(cfg, "hf_hub_id", None)
+        if not repo:
+            raise ValueError(f"{arch}: timm names no Hugging Face repository; give 'hf_repo:'")
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    raise ValueError(
+        f"{arch}: no model.safetensors or pytorch_model.bin of {repo!r} in the offline "
+        f"Hugging Face cache {cache} (nothing is downloaded; fetch it on a connected machine "
+        f"with `huggingface-cli download {repo}` and copy the cache, or give a checkpoint file)"
+    )
 
 
 def _benchmark(n_images: int = 300, size: int = 64) -> None:  # pragma: no cover - manual tool
