@@ -20,10 +20,15 @@ from recovery_assets.core.probe import ProbeSpec
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STUDY = PACKAGE_ROOT / "studies" / "demo.yaml"
 STUDY_ENV = "RECOVERY_STUDY"
-# Kinds of study this version can run: the demo universe. (A THINGS study, kind "things", needs the
-# THINGS folder and precomputed-feature sources, which are not part of this version.)
-KINDS = ("demo",)
-MODEL_SOURCES = ("timm",)
+# Kinds of study: the offline demo universe, or the THINGS data on disk (study.md §2).
+KINDS = ("demo", "things")
+# Where a model's features come from: a timm network run on the stimuli, or a precomputed file.
+MODEL_SOURCES = ("timm", "features")
+WEIGHTS = ("random", "checkpoint", "hf_cache")
+THINGS_ENV = "RECOVERY_THINGS_DIR"
+FEATURES_ENV = "RECOVERY_FEATURES_DIR"
+WEIGHTS_ENV = "RECOVERY_WEIGHTS_DIR"
+IMAGE_LAYOUTS = ("auto", "things", "flat")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -33,22 +38,36 @@ class StudyError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One candidate model: a timm architecture with random weights or a local checkpoint."""
+    """One candidate model (study.md §3).
+
+    ``source: timm``: a timm architecture (``arch``, optionally with a pretrained tag such as
+    ``resnet50.tv_in1k``) with ``weights`` ``random`` (seeded init), ``checkpoint`` (a local file)
+    or ``hf_cache`` (the offline Hugging Face cache, repository ``hf_repo`` or timm's default),
+    and optionally a ``layer``. ``source: features``: a precomputed (n x p) feature ``file``
+    (``.npy``, ``.npz``, ``.pt``, ``.parquet``) with the parameter count given as ``n_params`` or
+    counted from a timm architecture of the same image tower (``n_params_like``).
+    """
 
     name: str
-    source: str  # "timm"
+    source: str  # "timm" or "features"
     arch: str | None = None
-    weights: str = "random"  # "random" or "checkpoint"
+    weights: str = "random"  # "random", "checkpoint" or "hf_cache"
     checkpoint: str | None = None
     seed: int = 0
     options: dict = field(default_factory=dict)
+    hf_repo: str | None = None
+    layer: str | None = None
+    file: str | None = None
+    key: str | None = None
+    n_params: int | None = None
+    n_params_like: str | None = None
 
 
 @dataclass(frozen=True)
 class Study:
     path: Path
     name: str
-    kind: str  # "demo"
+    kind: str  # "demo" or "things"
     models: tuple[ModelEntry, ...]
     sizes: tuple[int, ...]
     simulations: int
@@ -66,6 +85,43 @@ class Study:
     max_iter: int = 1000
     device: str = "auto"
     data_dir: str | None = None
+    things: dict = field(default_factory=dict)
+    features_dir: str | None = None
+    weights_dir: str | None = None
+    allow_random_weights: bool = False
+
+    def _folder(self, env: str, value: str | None, what: str, key: str) -> Path:
+        raw = os.environ.get(env) or value
+        if not raw:
+            raise StudyError(f"{self.path}: {what} is not set: give {key!r} or set ${env}")
+        p = Path(os.path.expanduser(str(raw)))
+        return (p if p.is_absolute() else self.path.parent / p).resolve()
+
+    def things_root(self) -> Path:
+        """The THINGS folder: ``$RECOVERY_THINGS_DIR``, else ``things.root`` (file-relative)."""
+        return self._folder(THINGS_ENV, self.things.get("root"), "the THINGS folder", "things.root")
+
+    def feature_file(self, entry: ModelEntry) -> Path:
+        """A features model's file: absolute, or under ``$RECOVERY_FEATURES_DIR`` / features_dir."""
+        name = Path(os.path.expanduser(entry.file or f"{entry.name}.npy"))
+        if name.is_absolute():
+            return name
+        return (
+            self._folder(FEATURES_ENV, self.features_dir, "the features folder", "features_dir")
+            / name
+        )
+
+    def checkpoint_file(self, entry: ModelEntry) -> Path | None:
+        """A timm model's local checkpoint: absolute, or under ``$RECOVERY_WEIGHTS_DIR`` /
+        weights_dir (else next to the study file); None for random or cached weights."""
+        if entry.weights != "checkpoint":
+            return None
+        path = Path(os.path.expanduser(str(entry.checkpoint)))
+        if path.is_absolute():
+            return path
+        if os.environ.get(WEIGHTS_ENV) or self.weights_dir:
+            return self._folder(WEIGHTS_ENV, self.weights_dir, "weights_dir", "weights_dir") / path
+        return (self.path.parent / path).resolve()
 
     @property
     def model_names(self) -> list[str]:
@@ -137,59 +193,181 @@ def _lambdas(doc: dict, key: str, path: Path) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _model(entry: Any, i: int, path: Path, kind: str) -> ModelEntry:
+_MODEL_KEYS = {
+    "timm": {
+        "name",
+        "source",
+        "arch",
+        "weights",
+        "checkpoint",
+        "hf_repo",
+        "layer",
+        "seed",
+        "options",
+    },
+    "features": {"name", "source", "file", "key", "n_params", "n_params_like"},
+}
+
+
+def _model(entry: Any, i: int, path: Path, kind: str, allow_random: bool) -> ModelEntry:
     if not isinstance(entry, dict):
         raise StudyError(f"{path}: models[{i}] must be a map, got {entry!r}")
     name = _get(entry, "name", path, str)
     if not _NAME.match(name):
         raise StudyError(f"{path}: models[{i}].name {name!r}: use letters, digits, _ . -")
     source = _get(entry, "source", path, str, "timm")
-    if source == "timm":
-        arch = _get(entry, "arch", path, str)
-        if "weights" not in entry:
+    if source not in MODEL_SOURCES:
+        raise StudyError(
+            f"{path}: model {name!r}: source must be one of {list(MODEL_SOURCES)}, got {source!r}"
+        )
+    unknown = sorted(set(entry) - _MODEL_KEYS[source])
+    if unknown:
+        raise StudyError(
+            f"{path}: model {name!r} (source {source}): unknown keys {unknown}; "
+            f"allowed: {sorted(_MODEL_KEYS[source])}"
+        )
+    if source == "features":
+        if kind != "things":
+            raise StudyError(f"{path}: model {name!r}: precomputed features need a things study")
+        n_params = entry.get("n_params")
+        like = entry.get("n_params_like")
+        if (n_params is None) == (like is None):
             raise StudyError(
-                f"{path}: model {name!r} must say its weights: 'weights: random' or "
-                "'weights: checkpoint' with 'checkpoint: <file>'"
+                f"{path}: model {name!r}: give its parameter count as 'n_params: <int>' or "
+                "'n_params_like: <timm architecture of the same image tower>' (one of them)"
             )
-        weights = _get(entry, "weights", path, str)
-        checkpoint = entry.get("checkpoint")
-        if weights not in ("random", "checkpoint"):
-            raise StudyError(f"{path}: model {name!r}: weights must be random or checkpoint")
-        if weights == "checkpoint" and not checkpoint:
-            raise StudyError(f"{path}: model {name!r}: weights: checkpoint needs 'checkpoint:'")
+        if n_params is not None:
+            n_params = _int(entry, "n_params", path, minimum=1)
+        if like is not None and not isinstance(like, str):
+            raise StudyError(f"{path}: model {name!r}: n_params_like must be a timm name")
+        file = entry.get("file")
+        if file is not None and not isinstance(file, str):
+            raise StudyError(f"{path}: model {name!r}: file must be a path")
+        key = entry.get("key")
         return ModelEntry(
             name=name,
-            source="timm",
-            arch=arch,
-            weights=weights,
-            checkpoint=checkpoint,
-            seed=_int(entry, "seed", path, 0, minimum=0),
-            options=dict(entry.get("options") or {}),
+            source="features",
+            file=file,
+            key=None if key is None else str(key),
+            n_params=n_params,
+            n_params_like=like,
         )
-    raise StudyError(
-        f"{path}: model {name!r}: source must be one of {list(MODEL_SOURCES)}, got {source!r}"
+    arch = _get(entry, "arch", path, str)
+    if "weights" not in entry:
+        raise StudyError(
+            f"{path}: model {name!r} must say its weights: 'weights: random', "
+            "'weights: checkpoint' with 'checkpoint: <file>', or 'weights: hf_cache'"
+        )
+    weights = _get(entry, "weights", path, str)
+    checkpoint = entry.get("checkpoint")
+    if weights not in WEIGHTS:
+        raise StudyError(f"{path}: model {name!r}: weights must be one of {list(WEIGHTS)}")
+    if weights == "checkpoint" and not checkpoint:
+        raise StudyError(f"{path}: model {name!r}: weights: checkpoint needs 'checkpoint:'")
+    if weights != "checkpoint" and checkpoint:
+        raise StudyError(f"{path}: model {name!r}: 'checkpoint:' needs 'weights: checkpoint'")
+    if weights == "random" and kind == "things" and not allow_random:
+        raise StudyError(
+            f"{path}: model {name!r} has random weights; a THINGS study compares trained "
+            "networks. Give a checkpoint or hf_cache weights, or set 'allow_random_weights: true'"
+        )
+    layer = entry.get("layer")
+    if layer is not None and not isinstance(layer, str):
+        raise StudyError(f"{path}: model {name!r}: layer must be a module name")
+    return ModelEntry(
+        name=name,
+        source="timm",
+        arch=arch,
+        weights=weights,
+        checkpoint=checkpoint,
+        seed=_int(entry, "seed", path, 0, minimum=0),
+        options=dict(entry.get("options") or {}),
+        hf_repo=entry.get("hf_repo"),
+        layer=layer,
     )
 
 
-def load_study(path: str | os.PathLike | None = None) -> Study:
-    """Load and validate a study file (default: ``$RECOVERY_STUDY`` or studies/demo.yaml)."""
-    path = Path(path or os.environ.get(STUDY_ENV) or DEFAULT_STUDY).resolve()
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: maps merge key by key, everything else is replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_doc(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A study file's map, with ``base:`` (a study file it extends) and ``extra_models:``."""
     if not path.is_file():
-        raise StudyError(f"{path}: study file not found (set {STUDY_ENV} to a studies/*.yaml)")
+        where = f" (base of {seen[-1]})" if seen else ""
+        raise StudyError(
+            f"{path}: study file not found{where} (set {STUDY_ENV} to a studies/*.yaml)"
+        )
+    if path in seen:
+        raise StudyError(f"{path}: 'base:' files form a cycle: {[str(p) for p in seen]}")
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise StudyError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(doc, dict):
         raise StudyError(f"{path}: expected a map at the top level")
+    base = doc.pop("base", None)
+    extra = doc.pop("extra_models", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise StudyError(f"{path}: 'base' must be the path of another study file")
+        if "name" not in doc:
+            raise StudyError(f"{path}: a study with 'base:' must give its own 'name'")
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        doc = _merge(_read_doc(base_path.resolve(), (*seen, path)), doc)
+    if extra is not None:
+        if not isinstance(extra, list):
+            raise StudyError(f"{path}: 'extra_models' must be a list of model entries")
+        doc["models"] = list(doc.get("models") or []) + extra
+    return doc
+
+
+def _things(doc: dict, path: Path, kind: str) -> dict:
+    things = _map(doc, "things", path, {})
+    if kind != "things":
+        if things:
+            raise StudyError(f"{path}: 'things:' settings need 'kind: things'")
+        return {}
+    unknown = sorted(set(things) - {"root", "images", "image_layout", "n_concepts"})
+    if unknown:
+        raise StudyError(f"{path}: things: unknown keys {unknown}")
+    layout = things.get("image_layout", "auto")
+    if layout not in IMAGE_LAYOUTS:
+        raise StudyError(f"{path}: things.image_layout must be one of {list(IMAGE_LAYOUTS)}")
+    n = things.get("n_concepts")
+    if n is not None:
+        n = _int(things, "n_concepts", path, minimum=3)
+    return {
+        "root": things.get("root"),
+        "images": things.get("images"),
+        "image_layout": layout,
+        "n_concepts": n,
+    }
+
+
+def load_study(path: str | os.PathLike | None = None) -> Study:
+    """Load and validate a study file (default: ``$RECOVERY_STUDY`` or studies/demo.yaml)."""
+    path = Path(path or os.environ.get(STUDY_ENV) or DEFAULT_STUDY).resolve()
+    doc = _read_doc(path)
     name = _get(doc, "name", path, str)
     if not _NAME.match(name):
         raise StudyError(f"{path}: name {name!r}: use letters, digits, _ . -")
     kind = _get(doc, "kind", path, str)
     if kind not in KINDS:
         raise StudyError(f"{path}: kind must be one of {list(KINDS)}, got {kind!r}")
+    allow_random = doc.get("allow_random_weights", False)
+    if not isinstance(allow_random, bool):
+        raise StudyError(f"{path}: allow_random_weights must be true or false")
+    things = _things(doc, path, kind)
     raw_models = _get(doc, "models", path, list)
-    models = tuple(_model(m, i, path, kind) for i, m in enumerate(raw_models))
+    models = tuple(_model(m, i, path, kind, allow_random) for i, m in enumerate(raw_models))
     if len(models) < 2:
         raise StudyError(f"{path}: a recovery study needs at least 2 models")
     names = [m.name for m in models]
@@ -250,4 +428,8 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
         max_iter=_int(probe, "max_iter", path, 1000, minimum=1),
         device=str(doc.get("device", "auto")),
         data_dir=doc.get("data_dir"),
+        things=things,
+        features_dir=doc.get("features_dir"),
+        weights_dir=doc.get("weights_dir"),
+        allow_random_weights=allow_random,
     )

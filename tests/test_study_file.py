@@ -105,10 +105,13 @@ def test_base_document_is_valid_and_sizes_are_sorted(tmp_path):
     assert s.probe_dtype == "float64" and s.max_iter == 50
 
 
-def test_things_kind_is_not_accepted_by_this_version(tmp_path):
+def test_things_kind_refuses_random_weights_unless_told(tmp_path):
     doc = mutated(lambda d: d.update(kind="things"))
-    with pytest.raises(StudyError, match=r"kind must be one of \['demo'\]"):
+    with pytest.raises(StudyError, match="model 'a' has random weights; a THINGS study"):
         load_study(write(tmp_path, doc))
+    doc["allow_random_weights"] = True
+    s = load_study(write(tmp_path, doc))
+    assert s.kind == "things" and s.allow_random_weights
 
 
 def test_checkpoint_weights_are_recorded(tmp_path):
@@ -180,7 +183,7 @@ BAD = {
     ),
     "unknown_weights": (
         _models({"name": "a", "arch": "resnet18", "weights": "imagenet"}, "b"),
-        "weights must be random or checkpoint",
+        "weights must be one of",
     ),
     "unknown_source": (
         _models({"name": "a", "source": "hub"}, "b"),
