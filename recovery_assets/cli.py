@@ -245,5 +245,51 @@ def sql_cmd(sql_file: str, study_path: str | None) -> None:
     _print_sql(Store(data_root(study)).db_path, Path(sql_file))
 
 
+@main.command("validate-things")
+@click.argument("folder")
+@click.option("--n-concepts", type=int, default=None, help="expected concepts (THINGS: 1854)")
+@click.option("--images", default=None, help="image folder under FOLDER (default: images/ ...)")
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "things", "flat"]),
+    default="auto",
+    show_default=True,
+    help="things: <id>/<id>_NNb.jpg; flat: <id>.jpg",
+)
+@click.option(
+    "--features",
+    "features",
+    default=None,
+    help="a precomputed feature file whose zero-shot similarity checks the convention "
+    "(default: 8 x 8 pixel similarity of the images)",
+)
+def validate_things_cmd(folder, n_concepts, images, layout, features) -> None:
+    """Check a THINGS folder without running anything heavy; print one JSON object.
+
+    Exit code 0 when the folder is usable, 2 otherwise (the problems are listed in the JSON).
+    """
+    from recovery_assets.sources.features import FeatureFileError, load_feature_file
+    from recovery_assets.sources.things import CONCEPTS_FILE, ThingsDataError, read_concepts
+    from recovery_assets.sources.things import validate_things as validate
+
+    reference, problems = None, []
+    if features is not None:
+        try:
+            ids = read_concepts(Path(folder) / CONCEPTS_FILE)["uniqueID"].astype(str).tolist()
+            reference, _ = load_feature_file(features, ids)
+        except (ThingsDataError, FeatureFileError) as exc:
+            problems.append(f"--features {features} not used: {exc}")
+    report = validate(
+        folder, n_concepts=n_concepts, images=images, layout=layout, reference=reference
+    )
+    if features is not None:
+        report["reference_file"] = str(features)
+    if problems:
+        report["problems"] = problems + list(report["problems"])
+        report["usable"] = False
+    click.echo(json.dumps(report, indent=2))
+    sys.exit(0 if report["usable"] else EXIT_BAD_INPUT)
+
+
 if __name__ == "__main__":
     main()

@@ -30,7 +30,15 @@ def _dtype(study: Study) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- stimuli
-def build_stimuli(study: Study, store: Store) -> dict:
+def build_stimuli(study: Study, store: Store, log: Log = print) -> dict:
+    """The stimulus table (concept index order) and the stimulus images.
+
+    Demo: seeded photo crops. THINGS: ``things_concepts.tsv`` (row order kept) and one image per
+    concept; 64 px thumbnails are stored for the pixel reference and the UI, while timm networks
+    later read the image files at their own resolution.
+    """
+    if study.kind == "things":
+        return _build_things_stimuli(study, store, log)
     from recovery_assets.sources.demo import demo_stimuli
 
     s = study.stimuli
@@ -47,6 +55,39 @@ def build_stimuli(study: Study, store: Store) -> dict:
     return {"n_stimuli": len(table), "n_families": int(table["family"].nunique())}
 
 
+def _needs_images(study: Study) -> bool:
+    return study.convention_reference == "pixels" or any(m.source == "timm" for m in study.models)
+
+
+def _build_things_stimuli(study: Study, store: Store, log: Log) -> dict:
+    from recovery_assets.sources.things import (
+        find_images,
+        load_thumbnails,
+        read_concepts,
+        require_images,
+    )
+
+    root = study.things_root()
+    concepts = read_concepts(root / "things_concepts.tsv", n_concepts=study.things["n_concepts"])
+    ids = concepts["uniqueID"].astype(str).tolist()
+    paths, info = find_images(
+        root, ids, images=study.things["images"], layout=study.things["image_layout"]
+    )
+    table = pd.DataFrame({"concept": np.arange(len(ids)), "uniqueID": ids})
+    if "Word" in concepts.columns:
+        table["word"] = concepts["Word"].astype(str).to_numpy()
+    table["image"] = [str(p) if p is not None else "" for p in paths]
+    summary = {"n_stimuli": len(ids), "things_root": str(root), "image_layout": info["layout"]}
+    if _needs_images(study):
+        files = require_images(paths, ids, info["dir"])
+        log(f"reading {len(files)} THINGS images from {info['dir']} ({info['layout']} layout)")
+        store.save_npy(store.path("stimuli", "images.npy"), load_thumbnails(files, size=64))
+    else:
+        summary["images"] = "not needed (every model has precomputed features)"
+    store.write_table("stimuli", table)
+    return summary
+
+
 def load_stimuli(store: Store) -> tuple[pd.DataFrame, np.ndarray]:
     path = store.path("stimuli", "images.npy")
     if not path.is_file():
@@ -56,27 +97,52 @@ def load_stimuli(store: Store) -> tuple[pd.DataFrame, np.ndarray]:
 
 # ----------------------------------------------------------------------------- embeddings
 def build_embeddings(study: Study, store: Store, model: str, device, log: Log) -> dict:
-    from recovery_assets.sources.timm_features import extract_features
+    """One model's (n x p) features: a timm network on the stimuli, or a precomputed file."""
+    from recovery_assets.sources import timm_features
 
     entry = study.model(model)
-    _, images = load_stimuli(store)
-    X, info = extract_features(
-        entry.arch,
-        images,
-        seed=entry.seed,
-        weights=entry.weights,
-        checkpoint=entry.checkpoint,
-        device=str(device),
-        log=log,
-    )
+    table = store.read_table("stimuli")
+    n_params: int
+    if entry.source == "features":
+        from recovery_assets.sources.features import load_feature_file
+
+        path = study.feature_file(entry)
+        log(f"{model}: reading precomputed features {path}")
+        X, info = load_feature_file(path, table["uniqueID"].astype(str).tolist(), key=entry.key)
+        if entry.n_params is not None:
+            n_params = entry.n_params
+        else:
+            n_params = timm_features.count_parameters(str(entry.n_params_like))
+        info = {**info, "n_params": n_params}
+    else:
+        checkpoint = study.checkpoint_file(entry)
+        if entry.weights == "hf_cache":
+            checkpoint = timm_features.hf_cache_checkpoint(str(entry.arch), entry.hf_repo)
+        common = dict(
+            seed=entry.seed,
+            weights=entry.weights,
+            checkpoint=checkpoint,
+            layer=entry.layer,
+            device=str(device),
+            log=log,
+        )
+        if study.kind == "things":
+            X, info = timm_features.extract_image_files(entry.arch, table["image"], **common)
+        else:
+            _, images = load_stimuli(store)
+            X, info = timm_features.extract_features(entry.arch, images, **common)
+        n_params = int(info["n_params"])
+    if not np.isfinite(X).all():
+        raise ValueError(f"embeddings[{model}]: the features hold NaN or inf")
     meta = {"model": model, **{k: v for k, v in info.items() if k not in ("mean", "std")}}
     store.save_arrays(store.embedding_path(model), {"features": X}, meta)
     row = {
         "model": model,
-        "arch": entry.arch,
-        "weights": entry.weights,
+        "source": entry.source,
+        "arch": entry.arch or entry.n_params_like,
+        "weights": entry.weights if entry.source == "timm" else "precomputed",
         "seed": entry.seed,
-        "n_params": int(info["n_params"]),
+        "n_params": int(n_params),
         "embedding_dim": int(X.shape[1]),
         "n_stimuli": int(X.shape[0]),
     }
@@ -90,38 +156,28 @@ def load_features(store: Store, model: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- human data
-def _pixel_reference(images: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """Zero-shot similarity of standardised 8 x 8 downsampled pixels (the demo's reference)."""
-    n, h, w, _ = images.shape
-    small = images.reshape(n, 8, h // 8, 8, w // 8, 3).mean((2, 4)).reshape(n, -1)
-    small = (small - small.mean(0)) / (small.std(0) + 1e-9)
-    return lambda trip: triplet_logits(small, trip)
-
-
 def build_human(study: Study, store: Store, log: Log) -> dict:
-    from recovery_assets.sources.demo import DemoObserver, human_like_files, write_things_folder
-    from recovery_assets.sources.human import load_human_judgements
+    """The human judgements, validated, convention-detected and canonicalised (study.md §2).
 
-    table, images = load_stimuli(store)
-    h = study.human
-    seed = int(h.get("seed", 0))
-    observer = DemoObserver(images, table["family"].to_numpy(), seed=seed)
-    log(f"simulated observer: temperature {observer.temperature:.4g}")
-    files = human_like_files(
-        observer,
-        n_train=int(h.get("n_train", 10_000)),
-        n_val=int(h.get("n_val", 1_000)),
-        n_test_triplets=int(h.get("test_triplets", 1_000)),
-        repeats=int(h.get("repeats", 10)),
-        seed=seed,
-    )
-    folder = store.path("human", "files")
-    write_things_folder(folder, table[["uniqueID", "family", "source"]], images, files)
+    Demo: a simulated observer answers, its answers are written as a THINGS-shaped folder. THINGS:
+    the user's folder. Both are read by the same loader.
+    """
+    from recovery_assets.sources.human import load_human_judgements
+    from recovery_assets.sources.things import pixel_reference
+
+    table = store.read_table("stimuli")
+    summary: dict = {}
+    if study.kind == "things":
+        folder = study.things_root()
+    else:
+        folder = store.path("human", "files")
+        summary["observer_temperature"] = _write_demo_observer(study, store, folder, log)
     if study.convention_reference == "pixels":
-        reference = _pixel_reference(images)
+        reference = pixel_reference(load_stimuli(store)[1])
     else:
         X = load_features(store, study.convention_reference)
         reference = lambda trip: triplet_logits(X, trip)  # noqa: E731
+    log(f"reading the judgements in {folder} (convention reference: {study.convention_reference})")
     data = load_human_judgements(folder, len(table), reference)
     store.save_arrays(store.path("human", "judgements.npz"), dict(data.rows), meta=data.metadata())
     rows = []
@@ -130,6 +186,7 @@ def build_human(study: Study, store: Store, log: Log) -> dict:
         rows.append(
             {
                 "file": name,
+                "path": str(data.paths.get(name, "")),
                 "rows": int(len(r)),
                 "sha256": data.sha256[name],
                 "convention": data.convention,
@@ -145,8 +202,29 @@ def build_human(study: Study, store: Store, log: Log) -> dict:
         "detection": train_det.to_dict(),
         "noise_ceiling": _ceiling(data.noise_ceiling["testset2"]),
         "rows": {k: int(len(v)) for k, v in data.rows.items()},
-        "observer_temperature": float(observer.temperature),
+        **summary,
     }
+
+
+def _write_demo_observer(study: Study, store: Store, folder, log: Log) -> float:
+    """The demo's simulated person answers; its files form a THINGS-shaped folder."""
+    from recovery_assets.sources.demo import DemoObserver, human_like_files, write_things_folder
+
+    table, images = load_stimuli(store)
+    h = study.human
+    seed = int(h.get("seed", 0))
+    observer = DemoObserver(images, table["family"].to_numpy(), seed=seed)
+    log(f"simulated observer: temperature {observer.temperature:.4g}")
+    files = human_like_files(
+        observer,
+        n_train=int(h.get("n_train", 10_000)),
+        n_val=int(h.get("n_val", 1_000)),
+        n_test_triplets=int(h.get("test_triplets", 1_000)),
+        repeats=int(h.get("repeats", 10)),
+        seed=seed,
+    )
+    write_things_folder(folder, table[["uniqueID", "family", "source"]], images, files)
+    return float(observer.temperature)
 
 
 def _ceiling(value) -> float | None:

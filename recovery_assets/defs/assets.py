@@ -51,10 +51,12 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
     models, sizes, jobs = model_partitions(study), size_partitions(study), job_partitions(study)
 
     @dg.asset(group_name="inputs", kinds={"numpy", "parquet"})
-    def stimuli(study: StudyResource, storage: StorageResource) -> dg.MaterializeResult:
-        """The stimulus table (id, concept family, source) and images."""
+    def stimuli(
+        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """The concept table in index order and the stimulus images (demo crops or THINGS)."""
         store = storage.store(study.study)
-        return _finish(store, pipeline.build_stimuli(study.study, store))
+        return _finish(store, pipeline.build_stimuli(study.study, store, context.log.info))
 
     @dg.asset(
         group_name="inputs", partitions_def=models, deps=[stimuli], pool=GPU_POOL, kinds={"torch"}
@@ -65,7 +67,7 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
         storage: StorageResource,
         device: DeviceResource,
     ) -> dg.MaterializeResult:
-        """n x p pooled pre-logits features of one model, with its parameter count and p."""
+        """n x p features of one model (timm network or precomputed file), parameters and p."""
         store = storage.store(study.study)
         row = pipeline.build_embeddings(
             study.study, store, context.partition_key, device.torch_device, context.log.info
@@ -89,7 +91,8 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
         check = _check(
             "convention_unambiguous", info["unambiguous"], {"detection": info["detection"]}
         )
-        meta = {k: info[k] for k in ("convention", "noise_ceiling", "rows", "observer_temperature")}
+        keys = ("convention", "noise_ceiling", "rows", "observer_temperature")
+        meta = {k: info[k] for k in keys if k in info}
         return _finish(store, meta, [check])
 
     @dg.asset(

@@ -5,10 +5,13 @@ import dagster as dg
 from recovery_assets.defs.partitions import job_key, job_partitions
 from recovery_assets.study import Study
 
-# (job name, asset keys, partitioning) in the order the study runs them
+# (job name, asset keys, partitioning) in the order the study runs them. The human judgements come
+# after the embeddings: a model's zero-shot features may be the convention reference.
 STAGES = (
-    ("inputs_job", ["stimuli", "human_judgements"], None),
-    ("models_job", ["embeddings", "generator_probes"], "model"),
+    ("stimuli_job", ["stimuli"], None),
+    ("embeddings_job", ["embeddings"], "model"),
+    ("human_job", ["human_judgements"], None),
+    ("generators_job", ["generator_probes"], "model"),
     ("recovery_jobs_job", ["synthetic_datasets", "candidate_scores"], "job"),
     ("recovery_matrix_job", ["recovery_matrix"], "n_train"),
     ("summary_job", ["model_properties", "recovery_curve", "misidentification_regression"], None),
