@@ -204,3 +204,49 @@ def test_log_is_optional_and_called_with_strings():
     assert "1 fits" in calls[0] and "full/shrinkage" in calls[0]
     (f,) = fit_probes([as_problem(d, [0.1])], ProbeSpec(), **TIGHT)[0]  # no log: no error
     assert np.isfinite(f.objective)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+def test_sparse_data_term_equals_the_gram_path(shared, dtype):
+    """Sparse triplets sample S at their pairs and multiply by a sparse G + G^T; loss and
+    gradient are those of the dense S = Z Z^T path, for a batch sharing its triplets and for
+    merged problems with triplets of their own (a block-diagonal pattern)."""
+    g = torch.Generator().manual_seed(0)
+    B, n, q, N = 3, 40, 7, 50
+    Z = torch.randn(B, n, q, dtype=torch.float64, generator=g).to(dtype)
+    trips = [torch.randperm(n, generator=g)[:3] for _ in range(N * (1 if shared else B))]
+    trip = torch.stack(trips).reshape(1 if shared else B, N, 3)
+    ans = torch.randint(0, 3, (trip.shape[0], N), generator=g)
+    w = torch.full((trip.shape[0], N), 1.0 / N, dtype=dtype)
+    pidx = probe.pair_index(trip, n)
+    dense = probe._data_term(Z, pidx, ans, w)
+    patterns = [probe._pair_pattern(trip[0 if shared else b], n) for b in range(B)]
+    assert all(p.rows.shape[0] < n * n // 4 for p in patterns)  # really sparse
+    sparse = probe._data_term(Z, pidx, ans, w, probe._BlockPattern.of(patterns, n))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse[0], dense[0], **tol)
+    torch.testing.assert_close(sparse[1], dense[1], **tol)
+    assert dense[1].abs().max() > 1e-3
+
+
+def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
+    """A whole batched fit (lambdas x merged problems) gives the same objectives either way."""
+    rng = np.random.default_rng(3)
+    problems = []
+    for p_dim in (30, 50):
+        X = rng.normal(size=(60, p_dim))
+        trip = np.stack([rng.choice(60, 3, replace=False) for _ in range(120)])
+        problems.append(FitProblem(X, trip, rng.integers(0, 3, 120), [1e-3, 1e-1]))
+    spec = ProbeSpec.parse("full", "shrinkage")
+    kw = dict(device="cpu", dtype=torch.float64, max_iter=300)
+    monkeypatch.setattr(probe, "SPARSE_RATIO", 0)  # never sparse
+    dense = fit_probes(problems, spec, **kw)
+    monkeypatch.setattr(probe, "SPARSE_RATIO", 10**6)  # always sparse
+    sparse = fit_probes(problems, spec, **kw)
+    for problem, fd, fs in zip(problems, dense, sparse, strict=True):
+        for lam, a, b in zip(problem.lams, fd, fs, strict=True):
+            args = (problem.features, problem.triplets, problem.answers, lam, spec)
+            assert probe_objective(b.matrix(), *args) == pytest.approx(
+                probe_objective(a.matrix(), *args), rel=1e-6
+            )

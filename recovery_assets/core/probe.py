@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,26 +104,161 @@ def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
     return S.reshape(B, n * n).gather(1, flat).reshape(B, -1, 3)
 
 
-def _data_term(Z: torch.Tensor, pidx: torch.Tensor, ans: torch.Tensor, w: torch.Tensor):
-    """Weighted cross-entropy of the choices and its gradient with respect to Z.
+# Sparse path: the loss needs S = Z Z^T only at the triplets' pairs, and the gradient's G only has
+# those entries. When the pairs are a small part of the n^2 (synthetic jobs: N = 6,400 triplets over
+# 865 concepts touch 5% of them) S is sampled at the pattern (SDDMM, nnz q multiply-adds instead of
+# n^2 q) and dL/dZ = (G + G^T) Z is a sparse-dense product. The pattern is fixed for a fit, so its
+# CSR structure is built once. Dense data (millions of human triplets) keeps the Gram matrix.
+SPARSE_RATIO = 8  # sparse when nnz * SPARSE_RATIO < n^2 (both orientations of each pair count)
 
-    Z (B, n, q); pidx (B or 1, N, 3) flat pair indices; ans (B or 1, N); w (B or 1, N) weights
-    summing to one per problem (1/N: the mean). S = Z Z^T is formed once; the gradient with respect
-    to S is a scatter-add over the triplets; dL/dZ = (G + G^T) Z.
+
+@dataclass
+class _PairPattern:
+    """The symmetric pattern of one problem's pairs, in CSR (row-major) order."""
+
+    rows: torch.Tensor  # (nnz,) both orientations of every pair
+    cols: torch.Tensor  # (nnz,)
+    fwd: torch.Tensor  # (3N,) position of (a, b) for the pairs [jk, ik, ij] of each triplet
+    rev: torch.Tensor  # (3N,) position of (b, a)
+
+
+def _pair_pattern(trip: torch.Tensor, n: int) -> _PairPattern:
+    i, j, k = trip.unbind(-1)
+    first = torch.stack([j, i, i], dim=-1).reshape(-1)
+    second = torch.stack([k, k, j], dim=-1).reshape(-1)
+    keys = torch.cat([first * n + second, second * n + first])
+    uniq, inv = torch.unique(keys, return_inverse=True)  # sorted: CSR order
+    m = first.shape[0]
+    return _PairPattern(rows=uniq // n, cols=uniq % n, fwd=inv[:m], rev=inv[m:])
+
+
+@dataclass
+class _BlockPattern:
+    """Block-diagonal pattern of a batch of problems over the stacked (B n) x (B n) concepts."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    fwd: torch.Tensor  # (B, 3N) positions in the batch's values
+    rev: torch.Tensor
+    size: int
+
+    @classmethod
+    def of(cls, patterns: list[_PairPattern], n: int) -> _BlockPattern:
+        rows, cols, fwd, rev, offset = [], [], [], [], 0
+        for b, pat in enumerate(patterns):
+            rows.append(pat.rows + b * n)
+            cols.append(pat.cols + b * n)
+            fwd.append(pat.fwd + offset)
+            rev.append(pat.rev + offset)
+            offset += pat.rows.shape[0]
+        size = len(patterns) * n
+        row = torch.cat(rows)
+        crow = torch.zeros(size + 1, dtype=torch.long, device=row.device)
+        crow[1:] = torch.cumsum(torch.bincount(row, minlength=size), 0)
+        return cls(crow, torch.cat(cols), torch.stack(fwd), torch.stack(rev), size)
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": SDDMM/SpMM are stable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.crow, self.col, values, (self.size, self.size), check_invariants=False
+            )
+
+
+def _choice_gradient(logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, dtype):
+    """Weighted cross-entropy of (B, N, 3) float64 logits and its gradient w.r.t. the logits.
+
+    The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start (tiny
+    features, logits ~1e-8) its changes are far below float32 resolution, and the optimiser's
+    convergence test must still see them. The matmuls stay in the working dtype.
     """
-    B, n, _ = Z.shape
-    S = Z @ Z.transpose(1, 2)
-    # The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start
-    # (tiny features, logits ~1e-8) its changes are far below float32 resolution, and the
-    # optimiser's convergence test must still see them. The matmuls stay in the working dtype.
-    logits = logits_from_similarity(S, pidx).to(torch.float64)
+    B = logits.shape[0]
     logp = torch.log_softmax(logits, dim=-1)
     a = ans.expand(B, -1).unsqueeze(-1)
     ww = w.expand(B, -1).to(torch.float64)
     loss = -(ww * logp.gather(-1, a).squeeze(-1)).sum(-1)
     gl = logp.exp()
     gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
-    gl = (gl * ww.unsqueeze(-1)).to(Z.dtype)
+    return loss, (gl * ww.unsqueeze(-1)).to(dtype)
+
+
+def _similarities(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern | None):
+    """S (dense (B, n, n), or the values at the sparse pattern) and the (B, N, 3) float64 logits."""
+    B, n, q = Z.shape
+    if sparse is not None:
+        Zf = Z.reshape(B * n, q)
+        ones = torch.ones(sparse.col.shape[0], dtype=Z.dtype, device=Z.device)
+        S = torch.sparse.sampled_addmm(sparse.matrix(ones), Zf, Zf.T, beta=0.0).values()
+        return S, S[sparse.fwd].reshape(B, -1, 3).to(torch.float64)
+    S = Z @ Z.transpose(1, 2)
+    return S, logits_from_similarity(S, pidx).to(torch.float64)
+
+
+def _scale_search(
+    L0: torch.Tensor,
+    ans: torch.Tensor,
+    w: torch.Tensor,
+    lam: torch.Tensor,
+    v0: torch.Tensor,
+    bounds: tuple[float, float] = (1e-2, 1e6),
+    steps: int = 60,
+) -> torch.Tensor:
+    """The best scale t of the start: argmin over t of mean CE(t L0) + lam t v0, per fit.
+
+    From the identity, the transform c I (t = c^2) has logits t L0 (L0: the logits at the
+    identity) and penalty t v0 (shrinkage: 0, since a scaled identity is not penalised;
+    Frobenius: t ||I||^2). This is convex in t, so its derivative is increasing: the root is
+    bracketed by quadrupling and found by bisection, vectorised over the fits, then clipped to
+    ``bounds``. Moving the start along the one direction the shrinkage penalty leaves free is the
+    optimiser's first step: without it, at large lambda the stiff penalty makes L-BFGS steps tiny
+    along the free scale and it stops far from the optimum.
+    """
+    B = L0.shape[0]
+    a = ans.expand(B, -1).unsqueeze(-1)
+    La = L0.gather(-1, a).squeeze(-1)
+    ww = w.expand(B, -1).to(torch.float64)
+    pen = (lam.to(torch.float64) * v0.to(torch.float64)).reshape(B)
+
+    def slope(t: torch.Tensor) -> torch.Tensor:
+        P = torch.softmax(t[:, None, None] * L0, dim=-1)
+        return (ww * ((P * L0).sum(-1) - La)).sum(-1) + pen
+
+    lo, hi = torch.zeros_like(pen), torch.ones_like(pen)
+    while True:
+        grow = (slope(hi) < 0) & (hi < bounds[1])
+        if not bool(grow.any()):
+            break
+        lo, hi = torch.where(grow, hi, lo), torch.where(grow, hi * 4, hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        up = slope(mid) > 0
+        lo, hi = torch.where(up, lo, mid), torch.where(up, mid, hi)
+    return ((lo + hi) / 2).clamp(*bounds)
+
+
+def _data_term(
+    Z: torch.Tensor,
+    pidx: torch.Tensor,
+    ans: torch.Tensor,
+    w: torch.Tensor,
+    sparse: _BlockPattern | None = None,
+):
+    """Weighted cross-entropy of the choices and its gradient with respect to Z.
+
+    Z (B, n, q); pidx (B or 1, N, 3) flat pair indices; ans (B or 1, N); w (B or 1, N) weights
+    summing to one per problem (1/N: the mean). Dense: S = Z Z^T is formed once; the gradient with
+    respect to S is a scatter-add over the triplets; dL/dZ = (G + G^T) Z. With ``sparse`` (the
+    batch's pair pattern) S is sampled at the pairs and G + G^T is a sparse matrix: the same values
+    for a fraction of the work.
+    """
+    B, n, q = Z.shape
+    S, logits = _similarities(Z, pidx, sparse)
+    loss, gl = _choice_gradient(logits, ans, w, Z.dtype)
+    if sparse is not None:
+        values = torch.zeros_like(S)
+        values.index_add_(0, sparse.fwd.reshape(-1), gl.reshape(-1))
+        values.index_add_(0, sparse.rev.reshape(-1), gl.reshape(-1))
+        return loss, (sparse.matrix(values) @ Z.reshape(B * n, q)).reshape(B, n, q)
     flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
     G = torch.zeros(B, n * n, dtype=Z.dtype, device=Z.device)
     G.scatter_add_(1, flat, gl.reshape(B, -1))
@@ -145,11 +281,16 @@ def choice_metrics(logits: torch.Tensor, ans: torch.Tensor, temperature: float =
 
 
 def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, eye: torch.Tensor):
-    """||M - (tr M / dim) I||^2 = ||M||^2 - (tr M)^2 / dim and its gradient."""
+    """||M - (tr M / dim) I||^2 and its gradient 2 (M - (tr M / dim) I).
+
+    Formed from the deviation C = M - (tr M / dim) I itself, not as ||M||^2 - (tr M)^2 / dim: near a
+    scaled identity (large lambda) that difference cancels catastrophically in float32 (an error
+    of ~1e-5 times lambda in the objective, which the optimiser would exploit). The gradient is
+    2 C because tr C = 0 (``eye`` is the identity masked to the problem's true dimension).
+    """
     tr = torch.diagonal(M, dim1=1, dim2=2).sum(-1)
-    val = (M * M).sum((1, 2)) - tr * tr / dim
-    grad = 2 * M - 2 * (tr / dim)[:, None, None] * eye
-    return val, grad
+    C = M - (tr / dim)[:, None, None] * eye
+    return (C * C).sum((1, 2)), 2 * C
 
 
 def _gram_shrinkage(M: torch.Tensor, p: int):
@@ -518,6 +659,7 @@ class _Objective:
     lam: torch.Tensor  # (B,)
     unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
     shape: tuple
+    start: Callable | None = None  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
 
 
 def _objective(
@@ -593,10 +735,27 @@ def _objective(
                 v, g = _square_shrinkage(M, sel(r, idx), sel(eye_g, idx))
             return v, (g / D[:, None, :]).reshape(x.shape[0], -1)
 
+    # the sparse data term: one pair pattern per group, block-diagonal per set of active fits
+    n_c = Xg.shape[1]
+    patterns = [_pair_pattern(ctx.trip[g], n_c) for g in range(G)] if dev.type == "cpu" else []
+    # (CPU only: on a GPU the dense matmuls are cheap, and this session had no GPU to verify the
+    # CUDA SDDMM path on)
+    sparse = dev.type == "cpu" and max(p.rows.shape[0] for p in patterns) * SPARSE_RATIO < n_c**2
+    blocks: dict[tuple, _BlockPattern] = {}
+
+    def block(idx) -> _BlockPattern | None:
+        if not sparse:
+            return None
+        key = tuple(gidx[idx].tolist())
+        if key not in blocks:
+            blocks.clear()  # the active set only shrinks: older blocks are not needed again
+            blocks[key] = _BlockPattern.of([patterns[g] for g in key], n_c)
+        return blocks[key]
+
     def smooth(x, idx):
         Xs = sel(Xg, idx)
         Z = model(x, Xs)
-        loss, dZ = _data_term(Z, sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx))
+        loss, dZ = _data_term(Z, sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx), block(idx))
         g = back(dZ, x, Xs)
         if penalty != "l1":
             v, gp = pen(x, sel(Dg, idx), idx)
@@ -613,7 +772,14 @@ def _objective(
             out = out[: ctx.r[g], : ctx.r[g]]
         return out.clone()
 
-    return _Objective(smooth, x0, lam, unpack, shape)
+    def start():
+        every = torch.arange(B, device=dev)
+        Z = model(x0, sel(Xg, every))
+        _, L0 = _similarities(Z, sel(ctx.pidx, every), block(every))
+        v0 = pen(x0, sel(Dg, every), every)[0]
+        return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
+
+    return _Objective(smooth, x0, lam, unpack, shape, start)
 
 
 def _fit_context(
@@ -632,6 +798,10 @@ def _fit_context(
     if penalty == "l1":
         res = optim.proximal_gradient(smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol)
     else:
+        if family != "rank":  # c I (c w = 1 for diagonal) is free under shrinkage: find its c
+            L0, v0, ans, w = obj.start()
+            t = _scale_search(L0, ans, w, lam, v0)
+            x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
         res = optim.lbfgs(smooth, x0, max_iter=max_iter, history=history, rel_tol=rel_tol)
 
     fits = []
