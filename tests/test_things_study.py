@@ -201,3 +201,20 @@ def test_base_cycle_and_missing_base(tmp_path):
     write(tmp_path, {"base": "c.yaml"}, "d.yaml")
     with pytest.raises(StudyError, match="must give its own 'name'"):
         load_study(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("file", sorted(p.name for p in STUDIES.glob("things*.yaml")))
+def test_definitions_build_without_the_data(file, monkeypatch):
+    """The Dagster definitions of every THINGS experiment load (UI, backfills) before any data
+    folder is configured: the folders are only resolved when an asset runs."""
+    from recovery_assets.defs import build_definitions
+
+    for env in (THINGS_ENV, FEATURES_ENV, WEIGHTS_ENV):
+        monkeypatch.delenv(env, raising=False)
+    study = load_study(STUDIES / file)
+    repo = build_definitions(study).get_repository_def()
+    jobs = {job.name for job in repo.get_all_jobs()}
+    assert {"embeddings_job", "human_job", "recovery_jobs_job"} <= jobs
+    keys = repo.get_job("recovery_jobs_job").partitions_def.get_partition_keys()
+    assert len(keys) == len(study.models) * len(study.sizes)
+    assert f"{study.model_names[0]}|{study.sizes[0]}" in keys
