@@ -126,11 +126,14 @@ def build_embeddings(study: Study, store: Store, model: str, device, log: Log) -
             device=str(device),
             log=log,
         )
-        if study.kind == "things":
-            X, info = timm_features.extract_image_files(entry.arch, table["image"], **common)
-        else:
-            _, images = load_stimuli(store)
-            X, info = timm_features.extract_features(entry.arch, images, **common)
+        try:
+            if study.kind == "things":
+                X, info = timm_features.extract_image_files(entry.arch, table["image"], **common)
+            else:
+                _, images = load_stimuli(store)
+                X, info = timm_features.extract_features(entry.arch, images, **common)
+        except ValueError as exc:  # unknown architecture or layer, checkpoint that does not fit
+            raise ValueError(f"{study.path}: model {model!r}: {exc}") from exc
         n_params = int(info["n_params"])
     if not np.isfinite(X).all():
         raise ValueError(f"embeddings[{model}]: the features hold NaN or inf")

@@ -269,7 +269,7 @@ BROKEN = {
     "nan_features": (_nan_features, "embeddings", "NaN"),
     "shuffled_concepts": (_shuffle_concepts, "human_judgements", "concept order"),
     "checkpoint_does_not_fit": (_bad_checkpoint, "embeddings", "does not fit timm architecture"),
-    "unknown_arch": (_unknown_arch, "embeddings", "unknown timm architecture"),
+    "unknown_arch": (_unknown_arch, "embeddings", "model 'net_c': unknown timm architecture"),
 }
 
 
