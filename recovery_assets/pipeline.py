@@ -115,24 +115,24 @@ def build_embeddings(study: Study, store: Store, model: str, device, log: Log) -
             n_params = timm_features.count_parameters(str(entry.n_params_like))
         info = {**info, "n_params": n_params}
     else:
-        checkpoint = study.checkpoint_file(entry)
-        if entry.weights == "hf_cache":
-            checkpoint = timm_features.hf_cache_checkpoint(str(entry.arch), entry.hf_repo)
-        common = dict(
-            seed=entry.seed,
-            weights=entry.weights,
-            checkpoint=checkpoint,
-            layer=entry.layer,
-            device=str(device),
-            log=log,
-        )
+        checkpoint = study.checkpoint_file(entry)  # a StudyError names the study file itself
         try:
+            if entry.weights == "hf_cache":
+                checkpoint = timm_features.hf_cache_checkpoint(str(entry.arch), entry.hf_repo)
+            common = dict(
+                seed=entry.seed,
+                weights=entry.weights,
+                checkpoint=checkpoint,
+                layer=entry.layer,
+                device=str(device),
+                log=log,
+            )
             if study.kind == "things":
                 X, info = timm_features.extract_image_files(entry.arch, table["image"], **common)
             else:
                 _, images = load_stimuli(store)
                 X, info = timm_features.extract_features(entry.arch, images, **common)
-        except ValueError as exc:  # unknown architecture or layer, checkpoint that does not fit
+        except ValueError as exc:  # unknown architecture/layer, weights missing or not fitting
             raise ValueError(f"{study.path}: model {model!r}: {exc}") from exc
         n_params = int(info["n_params"])
     if not np.isfinite(X).all():

@@ -100,24 +100,19 @@ def _free_port() -> int:
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the process group of `proc` (started with start_new_session), then SIGKILL."""
-    if proc.poll() is None:
+    # SIGKILL always follows: the leader may be gone while children (the code server,
+    # renderers) linger in the group.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if sig == signal.SIGTERM and proc.poll() is not None:
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
         try:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-    # The leader may be gone while children (the code server, renderers) linger: kill the group.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _tail(path: Path, n: int = 4000) -> str:

@@ -13,7 +13,8 @@ Families: ``full`` (W is p x p), ``diagonal`` (W = diag(w)), ``rank:k`` (W is k 
 to eye(k, p); shrinkage acts on W^T W), ``zero_shot`` (W = I, nothing fitted) and ``pca:k`` (the
 features are first projected onto their k leading principal axes, then a full k x k W is fitted).
 
-Every fit starts from the identity. Fitting is batched: many problems (candidate models x lambdas x
+Every fit starts from the identity; the optimiser's first move is an exact 1-D search along
+the scaled identities c I (``_scale_search``), then L-BFGS (FISTA for L1). Fitting is batched: many problems (candidate models x lambdas x
 folds) advance together in one optimiser (see ``optim``), on any torch device.
 
 The exact reduction for ``full`` with shrinkage or Frobenius penalties (study.md §4, "Making the
@@ -659,7 +660,7 @@ class _Objective:
     lam: torch.Tensor  # (B,)
     unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
     shape: tuple
-    start: Callable | None = None  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
+    start: Callable  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
 
 
 def _objective(
@@ -736,11 +737,13 @@ def _objective(
             return v, (g / D[:, None, :]).reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group, block-diagonal per set of active fits
+    # (CPU only: on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is not verified
+    # yet.) With 6N >= n^2 pair slots the pattern cannot be sparse unless triplets repeat heavily,
+    # so dense data (millions of human triplets) skips building it.
     n_c = Xg.shape[1]
-    patterns = [_pair_pattern(ctx.trip[g], n_c) for g in range(G)] if dev.type == "cpu" else []
-    # (CPU only: on a GPU the dense matmuls are cheap, and this session had no GPU to verify the
-    # CUDA SDDMM path on)
-    sparse = dev.type == "cpu" and max(p.rows.shape[0] for p in patterns) * SPARSE_RATIO < n_c**2
+    maybe = dev.type == "cpu" and 6 * ctx.trip.shape[1] < n_c**2
+    patterns = [_pair_pattern(ctx.trip[g], n_c) for g in range(G)] if maybe else []
+    sparse = maybe and max(p.rows.shape[0] for p in patterns) * SPARSE_RATIO < n_c**2
     blocks: dict[tuple, _BlockPattern] = {}
 
     def block(idx) -> _BlockPattern | None:
@@ -798,7 +801,7 @@ def _fit_context(
     if penalty == "l1":
         res = optim.proximal_gradient(smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol)
     else:
-        if family != "rank":  # c I (c w = 1 for diagonal) is free under shrinkage: find its c
+        if family != "rank":  # W = c I (diagonal: w = c 1) is free under shrinkage: find c
             L0, v0, ans, w = obj.start()
             t = _scale_search(L0, ans, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
