@@ -13,9 +13,10 @@ Families: ``full`` (W is p x p), ``diagonal`` (W = diag(w)), ``rank:k`` (W is k 
 to eye(k, p); shrinkage acts on W^T W), ``zero_shot`` (W = I, nothing fitted) and ``pca:k`` (the
 features are first projected onto their k leading principal axes, then a full k x k W is fitted).
 
-Every fit starts from the identity; the optimiser's first move is an exact 1-D search along
-the scaled identities c I (``_scale_search``), then L-BFGS (FISTA for L1). Fitting is batched: many problems (candidate models x lambdas x
-folds) advance together in one optimiser (see ``optim``), on any torch device.
+Every fit starts from the identity; the optimiser's first move is an exact 1-D search along the
+scaled identities c I (``_scale_search``), then L-BFGS (FISTA for L1). Fitting is batched: many
+problems (candidate models x lambdas x folds) advance together in one optimiser (see ``optim``), on
+any torch device.
 
 The exact reduction for ``full`` with shrinkage or Frobenius penalties (study.md §4, "Making the
 fit exact and cheap"): let V (p x r) be an orthonormal basis of the row space of the training
