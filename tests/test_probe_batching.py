@@ -240,9 +240,9 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
         problems.append(FitProblem(X, trip, rng.integers(0, 3, 120), [1e-3, 1e-1]))
     spec = ProbeSpec.parse("full", "shrinkage")
     kw = dict(device="cpu", dtype=torch.float64, max_iter=300)
-    monkeypatch.setattr(probe, "SPARSE_RATIO", 0)  # never sparse
+    monkeypatch.setattr(probe, "SPARSE_RATIO", 10**6)  # nnz * ratio < n^2 never holds: dense
     dense = fit_probes(problems, spec, **kw)
-    monkeypatch.setattr(probe, "SPARSE_RATIO", 10**6)  # always sparse
+    monkeypatch.setattr(probe, "SPARSE_RATIO", 0)  # always holds: sparse (6 N < n^2 here)
     sparse = fit_probes(problems, spec, **kw)
     for problem, fd, fs in zip(problems, dense, sparse, strict=True):
         for lam, a, b in zip(problem.lams, fd, fs, strict=True):

@@ -112,6 +112,9 @@ def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
 # n^2 q) and dL/dZ = (G + G^T) Z is a sparse-dense product. The pattern is fixed for a fit, so its
 # CSR structure is built once. Dense data (millions of human triplets) keeps the Gram matrix.
 SPARSE_RATIO = 8  # sparse when nnz * SPARSE_RATIO < n^2 (both orientations of each pair count)
+# Device types on which the sparse path is used. CUDA joins once `bench/gpu_check.py` has shown
+# that its sparse fits agree with the dense ones there and are faster.
+SPARSE_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -738,11 +741,12 @@ def _objective(
             return v, (g / D[:, None, :]).reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group, block-diagonal per set of active fits
-    # (CPU only: on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is not verified
-    # yet.) With 6N >= n^2 pair slots the pattern cannot be sparse unless triplets repeat heavily,
-    # so dense data (millions of human triplets) skips building it.
+    # (on SPARSE_DEVICES only: on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is
+    # not verified yet; bench/gpu_check.py does that.) With 6N >= n^2 pair slots the pattern
+    # cannot be sparse unless triplets repeat heavily, so dense data (millions of human
+    # triplets) skips building it.
     n_c = Xg.shape[1]
-    maybe = dev.type == "cpu" and 6 * ctx.trip.shape[1] < n_c**2
+    maybe = dev.type in SPARSE_DEVICES and 6 * ctx.trip.shape[1] < n_c**2
     patterns = [_pair_pattern(ctx.trip[g], n_c) for g in range(G)] if maybe else []
     sparse = maybe and max(p.rows.shape[0] for p in patterns) * SPARSE_RATIO < n_c**2
     blocks: dict[tuple, _BlockPattern] = {}
