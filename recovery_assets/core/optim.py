@@ -8,6 +8,13 @@ problems in the inner iteration. Problems that converge are frozen and drop out 
 ``fg(x, idx)`` evaluates the objectives and gradients of the problems ``idx`` (a 1-D long tensor
 into the batch) at parameters ``x`` (``len(idx)`` rows) and returns ``(f, g)``.
 
+L-BFGS can also take the objective split at a linear image (``Split``): f(x) = h(K x, x) where the
+costly part is the linear map K (for the probe: Z = X W^T, a matmul). The optimiser then keeps
+K x for the current iterate and forms K d once per direction; every trial step of the line search
+is K x + t K d (no matmul), and the gradient (the second matmul) is computed only at the accepted
+step. One iteration then costs two matmuls however many trial steps the line search takes. K x
+is recomputed from x every ``RESYNC`` iterations so that rounding cannot accumulate.
+
 Stopping rule (study.md §4): the relative objective change between iterations falls below
 ``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be found
 at working precision (the objective is then at its floor), or ``max_iter`` is reached.
@@ -21,6 +28,30 @@ from dataclasses import dataclass
 import torch
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+RESYNC = 25  # iterations between exact recomputations of the linear image K x
+
+
+@dataclass
+class Split:
+    """An objective f(x) = h(K x, x) with K linear, as three batched callables.
+
+    ``image(x, idx)`` -> K x (any leading-batch tensor); ``value(z, x, idx)`` -> (f, aux) at
+    z = K x; ``gradient(z, x, aux, idx)`` -> the gradient at that point, given the ``aux`` that
+    ``value`` returned there (a leading-batch tensor, e.g. the derivative with respect to z).
+    """
+
+    image: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    value: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+    gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def plain(cls, fg: Objective) -> Split:
+        """A plain objective as a split with K = 0: each value also computes the gradient."""
+
+        def image(x, idx):
+            return x.new_zeros(x.shape[0], 1)
+
+        return cls(image, lambda z, x, idx: fg(x, idx), lambda z, x, aux, idx: aux)
 
 
 @dataclass
@@ -55,7 +86,7 @@ def _two_loop(g, s_hist, y_hist, rho, gamma, newest):
 
 
 def lbfgs(
-    fg: Objective,
+    fg: Objective | Split,
     x0: torch.Tensor,
     *,
     max_iter: int = 1000,
@@ -68,14 +99,18 @@ def lbfgs(
 ) -> OptimResult:
     """Minimise B independent smooth objectives with L-BFGS and a backtracking Armijo line search.
 
-    The optimiser state is kept for the active problems only and compacted when problems converge,
-    so one iteration costs a fixed number of batched tensor operations on the active set.
+    ``fg`` is a plain objective or a ``Split`` one. The optimiser state is kept for the active
+    problems only and compacted when problems converge, so one iteration costs a fixed number of
+    batched tensor operations on the active set.
     """
+    split = fg if isinstance(fg, Split) else Split.plain(fg)
     B, P = x0.shape
     dev, dt = x0.device, x0.dtype
     ids = torch.arange(B, device=dev)  # original index of each active problem
     x = x0.clone()
-    f, g = fg(x, ids)
+    z = split.image(x, ids)
+    f, aux = split.value(z, x, ids)
+    g = split.gradient(z, x, aux, ids)
     out_x, out_f = x.clone(), f.clone()
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     evals = torch.ones(B, dtype=torch.long, device=dev)
@@ -95,11 +130,13 @@ def lbfgs(
             out_x[fin], out_f[fin] = x[done], f[done]
             converged[fin] = True
             keep = ~done
-            ids, x, f, g = ids[keep], x[keep], f[keep], g[keep]
+            ids, x, f, g, z = ids[keep], x[keep], f[keep], g[keep], z[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
             gamma, small, fresh = gamma[keep], small[keep], fresh[keep]
         if ids.numel() == 0 or it == max_iter:
             break
+        if it and it % RESYNC == 0:  # K x afresh, not accumulated from the steps
+            z = split.image(x, ids)
         slot = it % history
         d = _two_loop(g, s_hist, y_hist, rho, gamma, (it - 1) % history)
         gd = torch.linalg.vecdot(g, d)
@@ -112,21 +149,29 @@ def lbfgs(
         restart = fresh | bad
         one = torch.ones(ids.numel(), device=dev, dtype=dt)
         t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), one)
-        x_new = f_new = g_new = None
+        zd = split.image(d, ids)  # K d: every trial point's image is z + t K d
+        x_new = z_new = f_new = aux_new = None
         pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
         floor = torch.zeros_like(pending)
         for _ in range(max_ls):
             pi = pending.nonzero().squeeze(-1)
             whole = pi.numel() == ids.numel()
-            xt = x + t[:, None] * d if whole else x[pi] + t[pi, None] * d[pi]
-            ft, gt = fg(xt, ids if whole else ids[pi])
+            if whole:
+                xt = torch.addcmul(x, t[:, None], d)
+                zt = torch.addcmul(z, _bcast(t, zd), zd)
+                ft, at = split.value(zt, xt, ids)
+            else:
+                tp = t[pi]
+                xt = torch.addcmul(x[pi], tp[:, None], d[pi])
+                zt = torch.addcmul(z[pi], _bcast(tp, zd), zd[pi])
+                ft, at = split.value(zt, xt, ids[pi])
             evals[ids[pi]] += 1
             ok = torch.isfinite(ft) & (ft <= f[pi] + c1 * t[pi] * gd[pi])
             if x_new is None:  # first trial covers every problem: take it whole, mend rows later
-                x_new, f_new, g_new = xt, ft, gt
+                x_new, z_new, f_new, aux_new = xt, zt, ft, at
             else:
                 acc = pi[ok]
-                x_new[acc], f_new[acc], g_new[acc] = xt[ok], ft[ok], gt[ok]
+                x_new[acc], z_new[acc], f_new[acc], aux_new[acc] = xt[ok], zt[ok], ft[ok], at[ok]
             pending[pi[ok]] = False
             rej = pi[~ok]
             if rej.numel() == 0:
@@ -145,29 +190,45 @@ def lbfgs(
             if not pending.any():
                 break
         stalled = pending | floor  # no sufficient decrease found: at the numerical floor
+        moved = ~stalled
+        if moved.all():  # the gradient only at the accepted points
+            g_new = split.gradient(z_new, x_new, aux_new, ids)
+        else:
+            g_new = g.clone()
+            if moved.any():
+                mi = moved.nonzero().squeeze(-1)
+                g_new[mi] = split.gradient(z_new[mi], x_new[mi], aux_new[mi], ids[mi])
         if stalled.any():  # those keep their current point
-            x_new[stalled], f_new[stalled], g_new[stalled] = x[stalled], f[stalled], g[stalled]
-        s = x_new - x
-        y = g_new - g
+            x_new[stalled], z_new[stalled], f_new[stalled] = x[stalled], z[stalled], f[stalled]
+        s = torch.sub(x_new, x, out=s_hist[slot])  # written straight into the history
+        y = torch.sub(g_new, g, out=y_hist[slot])
         sy = torch.linalg.vecdot(s, y)
         yy = torch.linalg.vecdot(y, y)
-        good = (sy > 1e-10 * yy.clamp_min(1e-30)) & (sy > 0) & ~stalled
-        s_hist[slot] = torch.where(good[:, None], s, 0.0)
-        y_hist[slot] = torch.where(good[:, None], y, 0.0)
+        good = (sy > 1e-10 * yy.clamp_min(1e-30)) & (sy > 0) & moved
+        if not bool(good.all()):  # a pair that would spoil the curvature model is not kept
+            s[~good] = 0.0
+            y[~good] = 0.0
         rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
         gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
         rel = _rel_change(f, f_new)
-        x, f, g = x_new, f_new, g_new
+        x, z, f, g = x_new, z_new, f_new, g_new
         fresh = torch.zeros_like(fresh)
         iters[ids] += 1
         small = torch.where(rel < rel_tol, small + 1, torch.zeros_like(small))
-        done = (small >= 2) | (g.abs().amax(-1) <= grad_tol) | stalled
+        done = (small >= 2) | stalled
+        if grad_tol > 0:
+            done |= g.abs().amax(-1) <= grad_tol
         if progress is not None:
             progress(it + 1, int((~done).sum()))
     if ids.numel():  # max_iter reached
         out_x[ids], out_f[ids] = x, f
     converged &= torch.isfinite(out_f)
     return OptimResult(x=out_x, f=out_f, iterations=iters, evaluations=evals, converged=converged)
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Step sizes (B,) shaped to multiply a (B, ...) tensor."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 def proximal_gradient(

@@ -256,20 +256,29 @@ def _data_term(
     batch's pair pattern) S is sampled at the pairs and G + G^T is a sparse matrix: the same values
     for a fraction of the work.
     """
+    loss, gl = _data_value(Z, pidx, ans, w, sparse)
+    return loss, _data_backward(Z, gl, pidx, sparse)
+
+
+def _data_value(Z, pidx, ans, w, sparse: _BlockPattern | None = None):
+    """The weighted cross-entropy and its gradient with respect to the (B, N, 3) logits."""
+    _, logits = _similarities(Z, pidx, sparse)
+    return _choice_gradient(logits, ans, w, Z.dtype)
+
+
+def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None):
+    """dL/dZ = (G + G^T) Z from the logits' gradient gl (B, N, 3)."""
     B, n, q = Z.shape
-    S, logits = _similarities(Z, pidx, sparse)
-    loss, gl = _choice_gradient(logits, ans, w, Z.dtype)
     if sparse is not None:
-        values = torch.zeros_like(S)
+        values = torch.zeros(sparse.col.shape[0], dtype=Z.dtype, device=Z.device)
         values.index_add_(0, sparse.fwd.reshape(-1), gl.reshape(-1))
         values.index_add_(0, sparse.rev.reshape(-1), gl.reshape(-1))
-        return loss, (sparse.matrix(values) @ Z.reshape(B * n, q)).reshape(B, n, q)
+        return (sparse.matrix(values) @ Z.reshape(B * n, q)).reshape(B, n, q)
     flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
     G = torch.zeros(B, n * n, dtype=Z.dtype, device=Z.device)
     G.scatter_add_(1, flat, gl.reshape(B, -1))
     G = G.reshape(B, n, n)
-    dZ = (G + G.transpose(1, 2)) @ Z
-    return loss, dZ
+    return (G + G.transpose(1, 2)) @ Z
 
 
 def choice_metrics(logits: torch.Tensor, ans: torch.Tensor, temperature: float = 1.0):
@@ -285,17 +294,25 @@ def choice_metrics(logits: torch.Tensor, ans: torch.Tensor, temperature: float =
 # penalties (value and gradient), batched over the leading dimension
 
 
-def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, eye: torch.Tensor):
-    """||M - (tr M / dim) I||^2 and its gradient 2 (M - (tr M / dim) I).
+def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, diag_mask: torch.Tensor):
+    """||M - (tr M / dim) I||^2 and the deviation C = M - (tr M / dim) I (the gradient is 2 C).
 
-    Formed from the deviation C = M - (tr M / dim) I itself, not as ||M||^2 - (tr M)^2 / dim: near a
-    scaled identity (large lambda) that difference cancels catastrophically in float32 (an error
-    of ~1e-5 times lambda in the objective, which the optimiser would exploit). The gradient is
-    2 C because tr C = 0 (``eye`` is the identity masked to the problem's true dimension).
+    Formed from the deviation itself, not as ||M||^2 - (tr M)^2 / dim: near a scaled identity
+    (large lambda) that difference cancels catastrophically in float32 (an error of ~1e-5 times
+    lambda in the objective, which the optimiser would exploit). The gradient is 2 C because
+    tr C = 0 (``diag_mask`` (B, q) marks the problem's true dimension on the diagonal). M is
+    overwritten by C: the caller passes a fresh tensor.
     """
-    tr = torch.diagonal(M, dim1=1, dim2=2).sum(-1)
-    C = M - (tr / dim)[:, None, None] * eye
-    return (C * C).sum((1, 2)), 2 * C
+    diag = torch.diagonal(M, dim1=1, dim2=2)
+    tr = diag.sum(-1)
+    diag.sub_((tr / dim)[:, None] * diag_mask)
+    flat = M.reshape(M.shape[0], -1)
+    return torch.linalg.vecdot(flat, flat), M
+
+
+def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row inner products of two (B, ...) tensors."""
+    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
 def _gram_shrinkage(M: torch.Tensor, p: int):
@@ -660,6 +677,7 @@ class _Objective:
     """The batched objective of B fits, in the optimiser's coordinates x."""
 
     smooth: Callable  # (x, idx) -> (f, g): data term (+ smooth penalty)
+    split: optim.Split  # the same objective split at its linear image Z = model(x)
     x0: torch.Tensor  # (B, P) the identity in the optimiser's coordinates
     lam: torch.Tensor  # (B,)
     unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
@@ -694,7 +712,7 @@ def _objective(
         def back(dZ, x, Xs):
             return (dZ * Xs).sum(1)
 
-        def pen(x, D, idx):
+        def pen(x, D, idx, grad=True):
             if penalty == "shrinkage":
                 c = x - x.mean(-1, keepdim=True)
                 return (c * c).sum(-1), 2 * c
@@ -721,7 +739,6 @@ def _objective(
         Xg = Xg / Dg[:, None, :]
         eye_kq = torch.eye(rows, q, dtype=dt, device=dev)  # eye(k, p) for rank:k, any k
         x0 = (eye_kq.unsqueeze(0) * (Dg * mask)[:, None, :]).reshape(G, -1)[gidx].clone()
-        eye_g = torch.diag_embed(mask) if rows == q else None  # (G, q, q) masked identity
         p_raw = ctx.p[0]
 
         def model(x, Xs):
@@ -730,15 +747,19 @@ def _objective(
         def back(dZ, x, Xs):
             return (dZ.transpose(1, 2) @ Xs).reshape(x.shape[0], -1)
 
-        def pen(x, D, idx):
-            M = x.reshape(-1, *shape) / D[:, None, :]
+        def pen(x, D, idx, grad=True):
+            """R at x and its gradient with respect to x (None unless ``grad``)."""
+            M = x.reshape(-1, *shape) / D[:, None, :]  # a fresh tensor
             if penalty == "frobenius":
-                v, g = (M * M).sum((1, 2)), 2 * M
+                v, g = _vecdot(M, M), M
             elif family == "rank":
                 v, g = _gram_shrinkage(M, p_raw)
+                g = g / 2
             else:  # r when reduced (padding excluded), else p (or k)
-                v, g = _square_shrinkage(M, sel(r, idx), sel(eye_g, idx))
-            return v, (g / D[:, None, :]).reshape(x.shape[0], -1)
+                v, g = _square_shrinkage(M, sel(r, idx), sel(mask, idx))
+            if not grad:
+                return v, None
+            return v, g.div_(D[:, None, :] / 2).reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group, block-diagonal per set of active fits
     # (on SPARSE_DEVICES only: on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is
@@ -771,6 +792,27 @@ def _objective(
             g = g + lam[idx, None] * gp
         return loss, g
 
+    # The same objective split at its linear image Z = model(x), for L-BFGS (optim.Split): the
+    # line search's trial points need only the data term's value at Z (no matmul); the gradient's
+    # matmul is taken at the accepted point only.
+    def value(Z, x, idx):
+        pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
+        loss, gl = _data_value(Z, pidx, ans, w, block(idx))
+        if penalty != "l1":
+            v, _ = pen(x, sel(Dg, idx), idx, grad=False)
+            loss = loss + (lam[idx] * v).to(torch.float64)
+        return loss, gl
+
+    def gradient(Z, x, gl, idx):
+        dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx))
+        g = back(dZ, x, sel(Xg, idx))
+        if penalty != "l1":
+            _, gp = pen(x, sel(Dg, idx), idx)
+            g = g.addcmul_(lam[idx, None], gp)
+        return g
+
+    split = optim.Split(lambda x, idx: model(x, sel(Xg, idx)), value, gradient)
+
     def unpack(xb, b=0):
         if family == "diagonal":
             return xb.clone()
@@ -787,7 +829,7 @@ def _objective(
         v0 = pen(x0, sel(Dg, every), every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
-    return _Objective(smooth, x0, lam, unpack, shape, start)
+    return _Objective(smooth, split, x0, lam, unpack, shape, start)
 
 
 def _fit_context(
@@ -810,7 +852,7 @@ def _fit_context(
             L0, v0, ans, w = obj.start()
             t = _scale_search(L0, ans, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
-        res = optim.lbfgs(smooth, x0, max_iter=max_iter, history=history, rel_tol=rel_tol)
+        res = optim.lbfgs(obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol)
 
     fits = []
     for b, lam_b in enumerate(lams):
