@@ -11,9 +11,9 @@ into the batch) at parameters ``x`` (``len(idx)`` rows) and returns ``(f, g)``.
 L-BFGS can also take the objective split at a linear image (``Split``): f(x) = h(K x, x) where the
 costly part is the linear map K (for the probe: Z = X W^T, a matmul). The optimiser then keeps
 K x for the current iterate and forms K d once per direction; every trial step of the line search
-is K x + t K d (no matmul), and the gradient (the second matmul) is computed only at the accepted
-step. One iteration then costs two matmuls however many trial steps the line search takes. K x
-is recomputed from x every ``RESYNC`` iterations so that rounding cannot accumulate.
+is K x + t K d (no product with K), and the gradient (the second product) is computed only at the
+accepted step. One iteration then applies K twice however many trial steps the line search takes.
+K x is recomputed from x every ``RESYNC`` iterations so that rounding cannot accumulate.
 
 Stopping rule (study.md §4): the relative objective change between iterations falls below
 ``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be found
