@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from probe_speed import _sync  # noqa: E402
 from problems import choices, features, latent_codes, training_set  # noqa: E402
 
 from recovery_assets.core import probe  # noqa: E402
@@ -51,11 +52,6 @@ SPECS = [
     ("rank:4", "shrinkage", "small"),
     ("full", "l1", "small"),
 ]
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _fit(problems, spec, device, sparse: bool):

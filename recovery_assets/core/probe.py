@@ -306,8 +306,7 @@ def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, diag_mask: torch.Tenso
     diag = torch.diagonal(M, dim1=1, dim2=2)
     tr = diag.sum(-1)
     diag.sub_((tr / dim)[:, None] * diag_mask)
-    flat = M.reshape(M.shape[0], -1)
-    return torch.linalg.vecdot(flat, flat), M
+    return _vecdot(M, M), M
 
 
 def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -781,20 +780,9 @@ def _objective(
             blocks[key] = _BlockPattern.of([patterns[g] for g in key], n_c)
         return blocks[key]
 
-    def smooth(x, idx):
-        Xs = sel(Xg, idx)
-        Z = model(x, Xs)
-        loss, dZ = _data_term(Z, sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx), block(idx))
-        g = back(dZ, x, Xs)
-        if penalty != "l1":
-            v, gp = pen(x, sel(Dg, idx), idx)
-            loss = loss + (lam[idx] * v).to(torch.float64)
-            g = g + lam[idx, None] * gp
-        return loss, g
-
-    # The same objective split at its linear image Z = model(x), for L-BFGS (optim.Split): the
-    # line search's trial points need only the data term's value at Z (no matmul); the gradient's
-    # matmul is taken at the accepted point only.
+    # The objective split at its linear image Z = model(x), for L-BFGS (optim.Split): the line
+    # search's trial points need only the data term's value at Z (no matmul); the gradient's
+    # matmul is taken at the accepted point only. ``smooth`` is the same objective in one call.
     def value(Z, x, idx):
         pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
         loss, gl = _data_value(Z, pidx, ans, w, block(idx))
@@ -812,6 +800,11 @@ def _objective(
         return g
 
     split = optim.Split(lambda x, idx: model(x, sel(Xg, idx)), value, gradient)
+
+    def smooth(x, idx):
+        Z = split.image(x, idx)
+        loss, gl = value(Z, x, idx)
+        return loss, gradient(Z, x, gl, idx)
 
     def unpack(xb, b=0):
         if family == "diagonal":
