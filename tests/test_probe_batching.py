@@ -223,6 +223,9 @@ def test_sparse_data_term_equals_the_gram_path(shared, dtype):
     dense = probe._data_term(Z, pidx, ans, w)
     patterns = [probe._pair_pattern(trip[0 if shared else b], n) for b in range(B)]
     assert all(p.rows.shape[0] < n * n // 4 for p in patterns)  # really sparse
+    # S is sampled once per unordered pair; the gradient's pattern holds both orientations
+    assert all(2 * p.half_rows.shape[0] == p.rows.shape[0] for p in patterns)
+    assert all(bool((p.half_rows < p.half_cols).all()) for p in patterns)
     sparse = probe._data_term(Z, pidx, ans, w, probe._BlockPattern.of(patterns, n))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse[0], dense[0], **tol)
@@ -250,3 +253,36 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
             assert probe_objective(b.matrix(), *args) == pytest.approx(
                 probe_objective(a.matrix(), *args), rel=1e-6
             )
+
+
+def test_large_reduced_problem_is_padded_to_a_blas_friendly_size(monkeypatch):
+    """r >= PAD_MIN is padded with zero coordinates up to a multiple of PAD_TO; the fit is the
+    unpadded fit (same objective, same W, an r x r A)."""
+    d = make_problem(61, p=270, n_train=300, n_trip=800)  # r = 270 -> q = 272
+    spec = ProbeSpec.parse("full", "shrinkage")
+    kw = dict(dtype=F64, rel_tol=1e-12, max_iter=3000, history=20)
+    monkeypatch.setattr(probe, "PAD_MIN", 10**9)
+    spy = Spy(monkeypatch)
+    (plain,) = fit_probes([as_problem(d, [0.3])], spec, **kw)[0]
+    assert spy.calls[-1]["q"] == 270
+    monkeypatch.setattr(probe, "PAD_MIN", 256)
+    (padded,) = fit_probes([as_problem(d, [0.3])], spec, **kw)[0]
+    assert spy.calls[-1]["q"] == 272 and spy.calls[-1]["r"] == [270]
+    assert tuple(padded.A.shape) == (270, 270)
+    assert padded.converged and plain.converged
+    assert rel(padded.objective, plain.objective) < 1e-9
+    torch.testing.assert_close(padded.matrix_tensor(), plain.matrix_tensor(), atol=1e-6, rtol=1e-6)
+    f_pub = probe_objective(padded.matrix(), d["X"], d["trip"], d["ans"], 0.3, spec)
+    assert rel(f_pub, padded.objective) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "shapes", [((1, 4, 3), (5, 3, 2)), ((5, 4, 3), (1, 3, 2)), ((5, 4, 3), (5, 3, 2))]
+)
+def test_per_problem_matmul_equals_the_batched_one(shapes):
+    """On the CPU ``_bmm`` loops over problems (one BLAS call each), broadcasting a leading 1."""
+    a_shape, b_shape = shapes
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(*a_shape, generator=g)
+    b = torch.randn(*b_shape[:1], b_shape[2], b_shape[1], generator=g).transpose(1, 2)
+    torch.testing.assert_close(probe._bmm(a, b), a @ b)

@@ -108,8 +108,9 @@ def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
 
 # Sparse path: the loss needs S = Z Z^T only at the triplets' pairs, and the gradient's G only has
 # those entries. When the pairs are a small part of the n^2 (synthetic jobs: N = 6,400 triplets over
-# 865 concepts touch 5% of them) S is sampled at the pattern (SDDMM, nnz q multiply-adds instead of
-# n^2 q) and dL/dZ = (G + G^T) Z is a sparse-dense product. The pattern is fixed for a fit, so its
+# 865 concepts touch 5% of them) S is sampled at each pair once (SDDMM: S is symmetric, so q
+# multiply-adds per unordered pair instead of n^2 q) and dL/dZ = (G + G^T) Z is a sparse-dense
+# product over both orientations. The pattern is fixed for a fit, so its
 # CSR structure is built once. Dense data (millions of human triplets) keeps the Gram matrix.
 SPARSE_RATIO = 8  # sparse when nnz * SPARSE_RATIO < n^2 (both orientations of each pair count)
 # Device types on which the sparse path is used. CUDA joins once `bench/gpu_check.py` has shown
@@ -119,12 +120,16 @@ SPARSE_DEVICES = ("cpu",)
 
 @dataclass
 class _PairPattern:
-    """The symmetric pattern of one problem's pairs, in CSR (row-major) order."""
+    """One problem's pairs in CSR (row-major) order: each pair once (for sampling S, which is
+    symmetric) and in both orientations (for the gradient's G + G^T)."""
 
     rows: torch.Tensor  # (nnz,) both orientations of every pair
     cols: torch.Tensor  # (nnz,)
     fwd: torch.Tensor  # (3N,) position of (a, b) for the pairs [jk, ik, ij] of each triplet
     rev: torch.Tensor  # (3N,) position of (b, a)
+    half_rows: torch.Tensor  # (nnz / 2,) every unordered pair once, as (min, max)
+    half_cols: torch.Tensor
+    pos: torch.Tensor  # (3N,) position of the pairs [jk, ik, ij] of each triplet in the half
 
 
 def _pair_pattern(trip: torch.Tensor, n: int) -> _PairPattern:
@@ -133,40 +138,74 @@ def _pair_pattern(trip: torch.Tensor, n: int) -> _PairPattern:
     second = torch.stack([k, k, j], dim=-1).reshape(-1)
     keys = torch.cat([first * n + second, second * n + first])
     uniq, inv = torch.unique(keys, return_inverse=True)  # sorted: CSR order
+    half, pos = torch.unique(
+        torch.minimum(first, second) * n + torch.maximum(first, second), return_inverse=True
+    )
     m = first.shape[0]
-    return _PairPattern(rows=uniq // n, cols=uniq % n, fwd=inv[:m], rev=inv[m:])
+    return _PairPattern(
+        rows=uniq // n,
+        cols=uniq % n,
+        fwd=inv[:m],
+        rev=inv[m:],
+        half_rows=half // n,
+        half_cols=half % n,
+        pos=pos,
+    )
+
+
+def _csr_index(rows: list[torch.Tensor], size: int) -> torch.Tensor:
+    row = torch.cat(rows)
+    crow = torch.zeros(size + 1, dtype=torch.long, device=row.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=size), 0)
+    return crow
 
 
 @dataclass
 class _BlockPattern:
-    """Block-diagonal pattern of a batch of problems over the stacked (B n) x (B n) concepts."""
+    """Block-diagonal pattern of a batch of problems over the stacked (B n) x (B n) concepts:
+    symmetric (the gradient's G + G^T) and each pair once (where S is sampled)."""
 
     crow: torch.Tensor
     col: torch.Tensor
     fwd: torch.Tensor  # (B, 3N) positions in the batch's values
     rev: torch.Tensor
+    half_crow: torch.Tensor
+    half_col: torch.Tensor
+    pos: torch.Tensor  # (B, 3N) positions in the batch's sampled similarities
     size: int
 
     @classmethod
     def of(cls, patterns: list[_PairPattern], n: int) -> _BlockPattern:
         rows, cols, fwd, rev, offset = [], [], [], [], 0
+        hrows, hcols, pos, hoffset = [], [], [], 0
         for b, pat in enumerate(patterns):
             rows.append(pat.rows + b * n)
             cols.append(pat.cols + b * n)
             fwd.append(pat.fwd + offset)
             rev.append(pat.rev + offset)
             offset += pat.rows.shape[0]
+            hrows.append(pat.half_rows + b * n)
+            hcols.append(pat.half_cols + b * n)
+            pos.append(pat.pos + hoffset)
+            hoffset += pat.half_rows.shape[0]
         size = len(patterns) * n
-        row = torch.cat(rows)
-        crow = torch.zeros(size + 1, dtype=torch.long, device=row.device)
-        crow[1:] = torch.cumsum(torch.bincount(row, minlength=size), 0)
-        return cls(crow, torch.cat(cols), torch.stack(fwd), torch.stack(rev), size)
+        return cls(
+            crow=_csr_index(rows, size),
+            col=torch.cat(cols),
+            fwd=torch.stack(fwd),
+            rev=torch.stack(rev),
+            half_crow=_csr_index(hrows, size),
+            half_col=torch.cat(hcols),
+            pos=torch.stack(pos),
+            size=size,
+        )
 
-    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+    def matrix(self, values: torch.Tensor, half: bool = False) -> torch.Tensor:
+        crow, col = (self.half_crow, self.half_col) if half else (self.crow, self.col)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": SDDMM/SpMM are stable
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
-                self.crow, self.col, values, (self.size, self.size), check_invariants=False
+                crow, col, values, (self.size, self.size), check_invariants=False
             )
 
 
@@ -192,9 +231,10 @@ def _similarities(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern | N
     B, n, q = Z.shape
     if sparse is not None:
         Zf = Z.reshape(B * n, q)
-        ones = torch.ones(sparse.col.shape[0], dtype=Z.dtype, device=Z.device)
-        S = torch.sparse.sampled_addmm(sparse.matrix(ones), Zf, Zf.T, beta=0.0).values()
-        return S, S[sparse.fwd].reshape(B, -1, 3).to(torch.float64)
+        ones = torch.ones(sparse.half_col.shape[0], dtype=Z.dtype, device=Z.device)
+        S = torch.sparse.sampled_addmm(sparse.matrix(ones, half=True), Zf, Zf.T, beta=0.0)
+        S = S.values()
+        return S, S[sparse.pos].reshape(B, -1, 3).to(torch.float64)
     S = Z @ Z.transpose(1, 2)
     return S, logits_from_similarity(S, pidx).to(torch.float64)
 
@@ -307,6 +347,30 @@ def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, diag_mask: torch.Tenso
     tr = diag.sum(-1)
     diag.sub_((tr / dim)[:, None] * diag_mask)
     return _vecdot(M, M), M
+
+
+LOOP_MM = True
+# Reduced problems of r >= PAD_MIN coordinates are padded with zero columns to a multiple of
+# PAD_TO (exact: the padding's block of A stays zero, see ``_merge``). BLAS runs odd sizes far
+# below peak: on the 2-core CPU the two r x r products of an iteration take 8-34% less time at
+# r = 304, 512, 704, 880, 1008, 1216 than at 301, 509, 700, 865, 1001, 1201.
+PAD_TO = 16
+PAD_MIN = 256
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b of (B or 1, m, k) and (B or 1, k, n) tensors.
+
+    On the CPU one BLAS call per problem: MKL's batched path runs these large products slower
+    than a loop of plain ones. Elsewhere one batched call.
+    """
+    if not LOOP_MM or a.device.type != "cpu":
+        return a @ b
+    B = max(a.shape[0], b.shape[0])
+    out = torch.empty(B, a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    for i in range(B):
+        torch.mm(a[i if a.shape[0] > 1 else 0], b[i if b.shape[0] > 1 else 0], out=out[i])
+    return out
 
 
 def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -496,6 +560,9 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         V, Xt = row_space_basis(Xt)
     n_t = Xt.shape[0]
     N = ans.shape[0]
+    r = Xt.shape[1]
+    if reduce and r >= PAD_MIN:
+        Xt = torch.nn.functional.pad(Xt, (0, -r % PAD_TO))
     return _Context(
         X=Xt.to(dtype).unsqueeze(0),
         trip=local.unsqueeze(0),
@@ -505,7 +572,7 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         V=[V],
         P=[P],
         p=[p],
-        r=[Xt.shape[1]],
+        r=[r],
     )
 
 
@@ -741,10 +808,10 @@ def _objective(
         p_raw = ctx.p[0]
 
         def model(x, Xs):
-            return Xs @ x.reshape(-1, *shape).transpose(1, 2)
+            return _bmm(Xs, x.reshape(-1, *shape).transpose(1, 2))
 
         def back(dZ, x, Xs):
-            return (dZ.transpose(1, 2) @ Xs).reshape(x.shape[0], -1)
+            return _bmm(dZ.transpose(1, 2), Xs).reshape(x.shape[0], -1)
 
         def pen(x, D, idx, grad=True):
             """R at x and its gradient with respect to x (None unless ``grad``)."""
