@@ -49,6 +49,12 @@ import torch
 from recovery_assets.core import optim
 
 CPU_BATCH_FLOPS = 4e8  # target work of one stacked evaluation on the CPU
+# Reduced problems of r >= PAD_MIN coordinates are padded with zero columns to a multiple of
+# PAD_TO (exact: the padding's block of A stays zero, see ``_merge``). BLAS runs odd sizes far
+# below peak: on the 2-core CPU the two r x r products of an iteration take 8-34% less time at
+# r = 304, 512, 704, 880, 1008, 1216 than at 301, 509, 700, 865, 1001, 1201.
+PAD_TO = 16
+PAD_MIN = 256
 FAMILIES = ("full", "diagonal", "rank", "zero_shot", "pca")
 PENALTIES = ("shrinkage", "frobenius", "l1")
 
@@ -349,22 +355,13 @@ def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, diag_mask: torch.Tenso
     return _vecdot(M, M), M
 
 
-LOOP_MM = True
-# Reduced problems of r >= PAD_MIN coordinates are padded with zero columns to a multiple of
-# PAD_TO (exact: the padding's block of A stays zero, see ``_merge``). BLAS runs odd sizes far
-# below peak: on the 2-core CPU the two r x r products of an iteration take 8-34% less time at
-# r = 304, 512, 704, 880, 1008, 1216 than at 301, 509, 700, 865, 1001, 1201.
-PAD_TO = 16
-PAD_MIN = 256
-
-
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched a @ b of (B or 1, m, k) and (B or 1, k, n) tensors.
 
     On the CPU one BLAS call per problem: MKL's batched path runs these large products slower
     than a loop of plain ones. Elsewhere one batched call.
     """
-    if not LOOP_MM or a.device.type != "cpu":
+    if a.device.type != "cpu":
         return a @ b
     B = max(a.shape[0], b.shape[0])
     out = torch.empty(B, a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
