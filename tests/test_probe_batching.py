@@ -279,10 +279,15 @@ def test_large_reduced_problem_is_padded_to_a_blas_friendly_size(monkeypatch):
 @pytest.mark.parametrize(
     "shapes", [((1, 4, 3), (5, 3, 2)), ((5, 4, 3), (1, 3, 2)), ((5, 4, 3), (5, 3, 2))]
 )
-def test_per_problem_matmul_equals_the_batched_one(shapes):
+def test_per_problem_matmul_equals_the_batched_one(monkeypatch, shapes):
     """On the CPU ``_bmm`` loops over problems (one BLAS call each), broadcasting a leading 1."""
+    monkeypatch.setattr(probe, "LOOP_MM_MIN", 0)  # loop even at these tiny sizes
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
     a_shape, b_shape = shapes
     g = torch.Generator().manual_seed(0)
     a = torch.randn(*a_shape, generator=g)
     b = torch.randn(*b_shape[:1], b_shape[2], b_shape[1], generator=g).transpose(1, 2)
     torch.testing.assert_close(probe._bmm(a, b), a @ b)
+    assert len(calls) == 5  # one per problem

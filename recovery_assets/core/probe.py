@@ -355,13 +355,17 @@ def _square_shrinkage(M: torch.Tensor, dim: torch.Tensor, diag_mask: torch.Tenso
     return _vecdot(M, M), M
 
 
+LOOP_MM_MIN = 2**21  # multiply-adds per problem from which the CPU loops over problems
+
+
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched a @ b of (B or 1, m, k) and (B or 1, k, n) tensors.
 
-    On the CPU one BLAS call per problem: MKL's batched path runs these large products slower
-    than a loop of plain ones. Elsewhere one batched call.
+    On the CPU, large products take one BLAS call per problem: MKL's batched path runs them
+    slower than a loop of plain ones. Small ones (many tiny problems in one batch) and other
+    devices take one batched call.
     """
-    if a.device.type != "cpu":
+    if a.device.type != "cpu" or a.shape[1] * a.shape[2] * b.shape[2] < LOOP_MM_MIN:
         return a @ b
     B = max(a.shape[0], b.shape[0])
     out = torch.empty(B, a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
