@@ -50,8 +50,8 @@ from recovery_assets.core import optim
 
 CPU_BATCH_FLOPS = 4e8  # target work of one stacked evaluation on the CPU
 # Reduced problems of r >= PAD_MIN coordinates are padded with zero columns to a multiple of
-# PAD_TO (exact: the padding's block of A stays zero, see ``_merge``). BLAS runs odd sizes far
-# below peak: on the 2-core CPU the two r x r products of an iteration take 8-34% less time at
+# PAD_TO (exact: masked as in ``_merge``, the padding's block of A stays zero). BLAS runs odd sizes
+# far below peak: on the 2-core CPU the two r x r products of an iteration take 8-34% less time at
 # r = 304, 512, 704, 880, 1008, 1216 than at 301, 509, 700, 865, 1001, 1201.
 PAD_TO = 16
 PAD_MIN = 256
@@ -116,8 +116,8 @@ def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
 # those entries. When the pairs are a small part of the n^2 (synthetic jobs: N = 6,400 triplets over
 # 865 concepts touch 5% of them) S is sampled at each pair once (SDDMM: S is symmetric, so q
 # multiply-adds per unordered pair instead of n^2 q) and dL/dZ = (G + G^T) Z is a sparse-dense
-# product over both orientations. The pattern is fixed for a fit, so its
-# CSR structure is built once. Dense data (millions of human triplets) keeps the Gram matrix.
+# product over both orientations. The pattern is fixed for a fit, so its CSR structure is built
+# once. Dense data (millions of human triplets) keeps the Gram matrix.
 SPARSE_RATIO = 8  # sparse when nnz * SPARSE_RATIO < n^2 (both orientations of each pair count)
 # Device types on which the sparse path is used. CUDA joins once `bench/gpu_check.py` has shown
 # that its sparse fits agree with the dense ones there and are faster.
@@ -232,17 +232,16 @@ def _choice_gradient(logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, d
     return loss, (gl * ww.unsqueeze(-1)).to(dtype)
 
 
-def _similarities(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern | None):
-    """S (dense (B, n, n), or the values at the sparse pattern) and the (B, N, 3) float64 logits."""
+def _triplet_logits(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern | None):
+    """The (B, N, 3) float64 logits [s_jk, s_ik, s_ij] of Z (B, n, q): from S sampled once per
+    unordered pair at the sparse pattern, or from the dense Gram matrix S = Z Z^T."""
     B, n, q = Z.shape
     if sparse is not None:
         Zf = Z.reshape(B * n, q)
         ones = torch.ones(sparse.half_col.shape[0], dtype=Z.dtype, device=Z.device)
         S = torch.sparse.sampled_addmm(sparse.matrix(ones, half=True), Zf, Zf.T, beta=0.0)
-        S = S.values()
-        return S, S[sparse.pos].reshape(B, -1, 3).to(torch.float64)
-    S = Z @ Z.transpose(1, 2)
-    return S, logits_from_similarity(S, pidx).to(torch.float64)
+        return S.values()[sparse.pos].reshape(B, -1, 3).to(torch.float64)
+    return logits_from_similarity(Z @ Z.transpose(1, 2), pidx).to(torch.float64)
 
 
 def _scale_search(
@@ -308,8 +307,7 @@ def _data_term(
 
 def _data_value(Z, pidx, ans, w, sparse: _BlockPattern | None = None):
     """The weighted cross-entropy and its gradient with respect to the (B, N, 3) logits."""
-    _, logits = _similarities(Z, pidx, sparse)
-    return _choice_gradient(logits, ans, w, Z.dtype)
+    return _choice_gradient(_triplet_logits(Z, pidx, sparse), ans, w, Z.dtype)
 
 
 def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None):
@@ -886,7 +884,7 @@ def _objective(
     def start():
         every = torch.arange(B, device=dev)
         Z = model(x0, sel(Xg, every))
-        _, L0 = _similarities(Z, sel(ctx.pidx, every), block(every))
+        L0 = _triplet_logits(Z, sel(ctx.pidx, every), block(every))
         v0 = pen(x0, sel(Dg, every), every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
