@@ -5,6 +5,7 @@ while paying for K (the probe's matmul) once per search direction and for the gr
 accepted step, however many trial steps the line search takes.
 """
 
+import pytest
 import torch
 
 from recovery_assets.core import optim
@@ -87,3 +88,17 @@ def test_split_image_is_resynced_so_rounding_cannot_accumulate():
     scale = float(K.abs().sum(-1).max())
     assert len(seen) > 2 * optim.RESYNC
     assert max(seen) < 1e-4 * scale
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_row_dots_by_blas_equal_vecdot(monkeypatch, B):
+    """Long rows take one BLAS dot each on the CPU; the values are vecdot's."""
+    monkeypatch.setattr(optim, "DOT_LOOP_MIN", 0)
+    calls = []
+    real_dot = torch.dot
+    monkeypatch.setattr(torch, "dot", lambda *a: calls.append(1) or real_dot(*a))
+    g = torch.Generator().manual_seed(B)
+    a = torch.randn(B, 50, generator=g, dtype=torch.float64)
+    b = torch.randn(B, 50, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(optim._rowdot(a, b), torch.linalg.vecdot(a, b))
+    assert len(calls) == B

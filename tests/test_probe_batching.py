@@ -291,3 +291,64 @@ def test_per_problem_matmul_equals_the_batched_one(monkeypatch, shapes):
     b = torch.randn(*b_shape[:1], b_shape[2], b_shape[1], generator=g).transpose(1, 2)
     torch.testing.assert_close(probe._bmm(a, b), a @ b)
     assert len(calls) == 5  # one per problem
+
+
+def test_triangular_tail_is_an_orthogonal_change_of_basis():
+    """The tail-triangular basis spans the same row space, C = Xt V still holds, the leading
+    columns are the above-average-variance ones and the rest are exactly zero above the diagonal."""
+    g = torch.Generator().manual_seed(5)
+    m, p = 40, 60
+    Xt = torch.randn(m, 12, generator=g, dtype=F64) @ torch.randn(12, p, generator=g, dtype=F64)
+    Xt += 0.05 * torch.randn(m, p, generator=g, dtype=F64)  # a few strong directions + a floor
+    V0, C0 = probe.row_space_basis(Xt)
+    V, C, lead = probe._triangular_tail(V0, C0)
+    s2 = (C0 * C0).sum(0)
+    assert lead == int((s2 > s2.mean()).sum()) and 0 < lead < C.shape[1]
+    torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1], dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(Xt @ V, C, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(C[:, :lead], C0[:, :lead], atol=0, rtol=0)
+    tail = C[:, lead:]
+    assert torch.equal(torch.triu(tail, diagonal=1), torch.zeros_like(tail))
+    assert float(torch.tril(tail).abs().min(0).values.max()) > 0  # not all zero below it
+    torch.testing.assert_close(V @ V.T, V0 @ V0.T, atol=1e-12, rtol=0)  # same projector
+
+
+@pytest.mark.parametrize("n, q, lead, rows", [(20, 24, 3, 4), (30, 16, 5, 7), (9, 9, 0, 2)])
+def test_structured_products_equal_the_dense_ones(monkeypatch, n, q, lead, rows):
+    """``_image`` and ``_back`` skip the zero blocks of a tail-triangular Xs and still give
+    Xs @ M^T and dZ^T @ Xs exactly (every block boundary included)."""
+    monkeypatch.setattr(probe, "TRI_ROWS", rows)
+    g = torch.Generator().manual_seed(n + q)
+    Xs = torch.randn(1, n, q, generator=g, dtype=F64)
+    Xs[0, :, lead:] = torch.tril(Xs[0, :, lead:])  # column lead + j is zero on concepts i < j
+    M = torch.randn(3, q, q, generator=g, dtype=F64)
+    dZ = torch.randn(3, n, q, generator=g, dtype=F64)
+    assert len(probe._row_blocks(n)) > 2
+    torch.testing.assert_close(probe._image(Xs, M, lead), Xs @ M.transpose(1, 2))
+    torch.testing.assert_close(probe._back(dZ, Xs, lead), dZ.transpose(1, 2) @ Xs)
+    torch.testing.assert_close(probe._image(Xs, M, None), Xs @ M.transpose(1, 2))
+
+
+def test_fit_in_the_tail_triangular_basis_equals_the_plain_fit(monkeypatch):
+    """The same problem fitted with and without the tail-triangular basis (and its blocked
+    products) reaches the same optimum: the same objective and the same W."""
+    d = make_problem(71, p=40, n_train=30, n_trip=150)
+    spec = ProbeSpec.parse("full", "shrinkage")
+    lams = [0.03, 0.3]
+    monkeypatch.setattr(probe, "TRI_MIN", 10**9)
+    spy = Spy(monkeypatch)
+    plain = fit_probes([as_problem(d, lams)], spec, **TIGHT)[0]
+    assert spy.calls[-1]["q"] == 30
+    monkeypatch.setattr(probe, "TRI_MIN", 8)
+    monkeypatch.setattr(probe, "TRI_ROWS", 7)
+    seen = []
+    real = probe._triangular_tail
+    monkeypatch.setattr(probe, "_triangular_tail", lambda V, C: seen.append(1) or real(V, C))
+    tri = fit_probes([as_problem(d, lams)], spec, **TIGHT)[0]
+    assert seen == [1]
+    for a, b, lam in zip(plain, tri, lams, strict=True):
+        assert a.converged and b.converged
+        assert rel(a.objective, b.objective) < 1e-9
+        torch.testing.assert_close(b.matrix_tensor(), a.matrix_tensor(), atol=1e-6, rtol=1e-6)
+        f_pub = probe_objective(b.matrix(), d["X"], d["trip"], d["ans"], lam, spec)
+        assert rel(f_pub, b.objective) < 1e-9

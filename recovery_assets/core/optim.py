@@ -29,6 +29,9 @@ import torch
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 RESYNC = 25  # iterations between exact recomputations of the linear image K x
+# On the CPU, rows of at least DOT_LOOP_MIN entries take one BLAS dot each: torch.linalg.vecdot
+# forms the product first and takes about twice as long (117 against 65 us at 774,400 entries).
+DOT_LOOP_MIN = 2**17
 
 
 @dataclass
@@ -68,6 +71,13 @@ def _rel_change(f_old: torch.Tensor, f_new: torch.Tensor) -> torch.Tensor:
     return (f_old - f_new).abs() / scale
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row inner products of two (B, P) tensors."""
+    if a.device.type != "cpu" or a.shape[-1] < DOT_LOOP_MIN:
+        return torch.linalg.vecdot(a, b)
+    return torch.stack([torch.dot(u, v) for u, v in zip(a, b, strict=True)])
+
+
 def _two_loop(g, s_hist, y_hist, rho, gamma, newest):
     """L-BFGS two-loop recursion, batched. Entries with rho == 0 are no-ops."""
     m = s_hist.shape[0]
@@ -75,12 +85,12 @@ def _two_loop(g, s_hist, y_hist, rho, gamma, newest):
     alphas = []
     order = [(newest - i) % m for i in range(m)]
     for i in order:
-        a = rho[i] * torch.linalg.vecdot(s_hist[i], q)
+        a = rho[i] * _rowdot(s_hist[i], q)
         q.addcmul_(a[:, None], y_hist[i], value=-1.0)
         alphas.append(a)
     r = q.mul_(gamma[:, None])
     for i, a in zip(reversed(order), reversed(alphas), strict=True):
-        beta = rho[i] * torch.linalg.vecdot(y_hist[i], r)
+        beta = rho[i] * _rowdot(y_hist[i], r)
         r.addcmul_((a - beta)[:, None], s_hist[i])
     return r
 
@@ -139,7 +149,7 @@ def lbfgs(
             z = split.image(x, ids)
         slot = it % history
         d = _two_loop(g, s_hist, y_hist, rho, gamma, (it - 1) % history)
-        gd = torch.linalg.vecdot(g, d)
+        gd = _rowdot(g, d)
         bad = ~(gd < 0) | ~torch.isfinite(gd)
         if bad.any():  # not a descent direction: restart from steepest descent
             d[bad] = -g[bad]
@@ -147,8 +157,9 @@ def lbfgs(
             rho[:, bad] = 0
             gamma[bad] = 1
         restart = fresh | bad
-        one = torch.ones(ids.numel(), device=dev, dtype=dt)
-        t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), one)
+        t = torch.ones(ids.numel(), device=dev, dtype=dt)
+        if restart.any():  # a steepest-descent step is scaled to a unit L1 move at most
+            t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), t)
         zd = split.image(d, ids)  # K d: every trial point's image is z + t K d
         x_new = z_new = f_new = aux_new = None
         pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
@@ -202,8 +213,8 @@ def lbfgs(
             x_new[stalled], z_new[stalled], f_new[stalled] = x[stalled], z[stalled], f[stalled]
         s = torch.sub(x_new, x, out=s_hist[slot])  # written straight into the history
         y = torch.sub(g_new, g, out=y_hist[slot])
-        sy = torch.linalg.vecdot(s, y)
-        yy = torch.linalg.vecdot(y, y)
+        sy = _rowdot(s, y)
+        yy = _rowdot(y, y)
         good = (sy > 1e-10 * yy.clamp_min(1e-30)) & (sy > 0) & moved
         if not bool(good.all()):  # a pair that would spoil the curvature model is not kept
             s[~good] = 0.0

@@ -55,6 +55,13 @@ CPU_BATCH_FLOPS = 4e8  # target work of one stacked evaluation on the CPU
 # r = 304, 512, 704, 880, 1008, 1216 than at 301, 509, 700, 865, 1001, 1201.
 PAD_TO = 16
 PAD_MIN = 256
+# Reduced CPU problems of r >= TRI_MIN take a basis in which the training features C are dense in
+# their leading columns (the directions of above-average variance) and lower-trapezoidal in the
+# rest (``_triangular_tail``). The basis change is orthogonal and the fit is exactly the same; the
+# two feature products of an iteration then skip the zero blocks (``_image``, ``_back``), in
+# about TRI_ROWS concepts per block.
+TRI_MIN = 256
+TRI_ROWS = 96
 FAMILIES = ("full", "diagonal", "rank", "zero_shot", "pca")
 PENALTIES = ("shrinkage", "frobenius", "l1")
 
@@ -372,9 +379,50 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _row_blocks(n: int) -> list[int]:
+    """Split points 0 = a_0 < ... < a_b = n of the concepts into about TRI_ROWS each."""
+    parts = max(1, round(n / TRI_ROWS))
+    return [round(n * t / parts) for t in range(parts + 1)]
+
+
+def _image(Xs: torch.Tensor, M: torch.Tensor, lead: int | None) -> torch.Tensor:
+    """Z = Xs @ M^T for features Xs (1 or B, n, q) and parameters M (B, m, q).
+
+    With ``lead`` (one group whose features are lower-trapezoidal after their first ``lead``
+    columns: column lead + j is zero on concepts i < j), each block of concepts multiplies only
+    the columns it has; otherwise one plain product.
+    """
+    if lead is None:
+        return _bmm(Xs, M.transpose(1, 2))
+    n, q = Xs.shape[1:]
+    out = torch.empty(M.shape[0], n, M.shape[1], dtype=M.dtype, device=M.device)
+    cuts = _row_blocks(n)
+    for b in range(M.shape[0]):
+        for a0, a1 in zip(cuts[:-1], cuts[1:], strict=True):
+            c = min(q, lead + a1)
+            torch.mm(Xs[0, a0:a1, :c], M[b, :, :c].T, out=out[b, a0:a1])
+    return out
+
+
+def _back(dZ: torch.Tensor, Xs: torch.Tensor, lead: int | None) -> torch.Tensor:
+    """dZ^T @ Xs (B, m, q) for dZ (B, n, m), the adjoint of ``_image``, skipping the same zeros."""
+    if lead is None:
+        return _bmm(dZ.transpose(1, 2), Xs)
+    n, q = Xs.shape[1:]
+    out = torch.empty(dZ.shape[0], dZ.shape[2], q, dtype=dZ.dtype, device=dZ.device)
+    cuts = _row_blocks(n)
+    cols = [min(q, lead + a) for a in cuts[:-1]] + [q]
+    for b in range(dZ.shape[0]):
+        torch.mm(dZ[b].T, Xs[0, :, : cols[0]], out=out[b, :, : cols[0]])
+        for a0, j0, j1 in zip(cuts[:-1], cols[:-1], cols[1:], strict=True):
+            if j1 > j0:  # concepts before a0 have no entries in these columns
+                torch.mm(dZ[b, a0:].T, Xs[0, a0:, j0:j1], out=out[b, :, j0:j1])
+    return out
+
+
 def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row inner products of two (B, ...) tensors."""
-    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+    return optim._rowdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
 def _gram_shrinkage(M: torch.Tensor, p: int):
@@ -499,6 +547,27 @@ def row_space_basis(Xt: torch.Tensor):
     return V.contiguous(), X64 @ V
 
 
+def _triangular_tail(V: torch.Tensor, C: torch.Tensor):
+    """Rotate the basis so that the coordinates C = Xt V are lower-trapezoidal after their leading
+    columns; returns (V, C, lead).
+
+    The leading ``lead`` columns (the directions whose variance is above the mean) stay as they
+    are. The rest, C_t, is replaced by C_t Q = R^T from the QR decomposition C_t^T = Q R, so its
+    column j is exactly zero on the first j concepts. Q is orthogonal, so this is the same fit in
+    other coordinates; the column preconditioner of ``_objective`` is then nearly constant on the
+    rotated block (its scale is sqrt(sigma^2 / mean + 3) with sigma^2 <= mean), which is why the
+    iterations stay the same (a fully triangular basis costs about 38% more of them).
+    """
+    s2 = (C * C).sum(0)
+    lead = int((s2 > s2.mean()).sum())
+    if lead >= C.shape[1] - 1:
+        return V, C, None
+    Q, R = torch.linalg.qr(C[:, lead:].T)
+    V = torch.cat([V[:, :lead], V[:, lead:] @ Q], 1).contiguous()
+    C = torch.cat([C[:, :lead], R.T], 1)
+    return V, C, lead
+
+
 def pca_axes(X: torch.Tensor, k: int) -> torch.Tensor:
     """The k leading principal axes (p x k) of the centred features (float64)."""
     X64 = X.to(torch.float64)
@@ -540,6 +609,7 @@ class _Context:
     P: list  # per group: PCA axes or None
     p: list  # per group: the raw embedding dimension
     r: list  # per group: the fitting dimension before padding (= X.shape[2] unless merged)
+    lead: int | None = None  # one group only: X is lower-trapezoidal after this many columns
 
 
 def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) -> _Context:
@@ -555,8 +625,11 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
     local = local.reshape(-1, 3)
     Xt = X[concepts]
     V = None
+    lead = None
     if reduce:
         V, Xt = row_space_basis(Xt)
+        if Xt.shape[1] >= TRI_MIN and torch.device(device).type == "cpu":
+            V, Xt, lead = _triangular_tail(V, Xt)
     n_t = Xt.shape[0]
     N = ans.shape[0]
     r = Xt.shape[1]
@@ -572,6 +645,7 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         P=[P],
         p=[p],
         r=[r],
+        lead=lead,
     )
 
 
@@ -673,8 +747,10 @@ def fit_probes(
             per_fit = ((2 * history + 8) * q * q + 4 * n * n + 8 * N) * size
             return max(1, int(memory_budget * free // per_fit))
         # CPU: stack small problems until one evaluation is ~CPU_BATCH_FLOPS, so the Python
-        # overhead of an iteration is shared; large problems go one (all lambdas) at a time.
-        return max(1, int(CPU_BATCH_FLOPS // (2 * (n * q * q + n * n * q) + 30 * N)))
+        # overhead of an iteration is shared; large problems go one fit at a time. S is needed
+        # at most at the 6 N (ordered) pairs of the triplets when that is below n^2 (sparse).
+        pairs = min(n * n, 6 * N)
+        return max(1, int(CPU_BATCH_FLOPS // (2 * (n * q * q + pairs * q) + 30 * N)))
 
     order = sorted(range(len(problems)), key=lambda i: dims(i))
     # even out the batches of each stackable run (no small straggler batch that would iterate
@@ -769,7 +845,7 @@ def _objective(
     if family == "diagonal":
         shape = (q,)
         x0 = torch.ones(B, q, dtype=dt, device=dev)
-        Dg = torch.ones(G, q, dtype=dt, device=dev)
+        Dg = Dinv = torch.ones(G, q, dtype=dt, device=dev)
 
         def model(x, Xs):
             return Xs * x[:, None, :]
@@ -777,7 +853,7 @@ def _objective(
         def back(dZ, x, Xs):
             return (dZ * Xs).sum(1)
 
-        def pen(x, D, idx, grad=True):
+        def pen(x, Dinv_, idx, grad=True):
             if penalty == "shrinkage":
                 c = x - x.mean(-1, keepdim=True)
                 return (c * c).sum(-1), 2 * c
@@ -802,19 +878,22 @@ def _objective(
         else:
             Dg = torch.ones(G, q, dtype=dt, device=dev)
         Xg = Xg / Dg[:, None, :]
+        Dinv = 1.0 / Dg  # products, not quotients, in the iteration (division is slow)
         eye_kq = torch.eye(rows, q, dtype=dt, device=dev)  # eye(k, p) for rank:k, any k
         x0 = (eye_kq.unsqueeze(0) * (Dg * mask)[:, None, :]).reshape(G, -1)[gidx].clone()
         p_raw = ctx.p[0]
 
+        lead = ctx.lead if G == 1 else None
+
         def model(x, Xs):
-            return _bmm(Xs, x.reshape(-1, *shape).transpose(1, 2))
+            return _image(Xs, x.reshape(-1, *shape), lead)
 
         def back(dZ, x, Xs):
-            return _bmm(dZ.transpose(1, 2), Xs).reshape(x.shape[0], -1)
+            return _back(dZ, Xs, lead).reshape(x.shape[0], -1)
 
-        def pen(x, D, idx, grad=True):
+        def pen(x, Dinv_, idx, grad=True):
             """R at x and its gradient with respect to x (None unless ``grad``)."""
-            M = x.reshape(-1, *shape) / D[:, None, :]  # a fresh tensor
+            M = x.reshape(-1, *shape) * Dinv_[:, None, :]  # a fresh tensor
             if penalty == "frobenius":
                 v, g = _vecdot(M, M), M
             elif family == "rank":
@@ -824,7 +903,7 @@ def _objective(
                 v, g = _square_shrinkage(M, sel(r, idx), sel(mask, idx))
             if not grad:
                 return v, None
-            return v, g.div_(D[:, None, :] / 2).reshape(x.shape[0], -1)
+            return v, g.mul_(2 * Dinv_[:, None, :]).reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group, block-diagonal per set of active fits
     # (on SPARSE_DEVICES only: on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is
@@ -853,7 +932,7 @@ def _objective(
         pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
         loss, gl = _data_value(Z, pidx, ans, w, block(idx))
         if penalty != "l1":
-            v, _ = pen(x, sel(Dg, idx), idx, grad=False)
+            v, _ = pen(x, sel(Dinv, idx), idx, grad=False)
             loss = loss + (lam[idx] * v).to(torch.float64)
         return loss, gl
 
@@ -861,7 +940,7 @@ def _objective(
         dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx))
         g = back(dZ, x, sel(Xg, idx))
         if penalty != "l1":
-            _, gp = pen(x, sel(Dg, idx), idx)
+            _, gp = pen(x, sel(Dinv, idx), idx)
             g = g.addcmul_(lam[idx, None], gp)
         return g
 
@@ -885,7 +964,7 @@ def _objective(
         every = torch.arange(B, device=dev)
         Z = model(x0, sel(Xg, every))
         L0 = _triplet_logits(Z, sel(ctx.pidx, every), block(every))
-        v0 = pen(x0, sel(Dg, every), every)[0]
+        v0 = pen(x0, sel(Dinv, every), every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
     return _Objective(smooth, split, x0, lam, unpack, shape, start)
