@@ -73,7 +73,7 @@ def _rel_change(f_old: torch.Tensor, f_new: torch.Tensor) -> torch.Tensor:
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row inner products of two (B, P) tensors."""
-    if a.device.type != "cpu" or a.shape[-1] < DOT_LOOP_MIN:
+    if a.device.type != "cpu" or a.shape[-1] < DOT_LOOP_MIN or a.shape[0] == 0:
         return torch.linalg.vecdot(a, b)
     return torch.stack([torch.dot(u, v) for u, v in zip(a, b, strict=True)])
 
