@@ -255,6 +255,16 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
             )
 
 
+def assert_same_optimum(fit, plain, d, lam, spec, pub_tol):
+    """Two converged fits of one problem by different internal routes: the same objective and W,
+    and the fit's objective is study.md's formula at its W."""
+    assert fit.converged and plain.converged
+    assert rel(fit.objective, plain.objective) < 1e-9
+    torch.testing.assert_close(fit.matrix_tensor(), plain.matrix_tensor(), atol=1e-6, rtol=1e-6)
+    f_pub = probe_objective(fit.matrix(), d["X"], d["trip"], d["ans"], lam, spec)
+    assert rel(f_pub, fit.objective) < pub_tol
+
+
 def test_large_reduced_problem_is_padded_to_a_blas_friendly_size(monkeypatch):
     """r >= PAD_MIN is padded with zero coordinates up to a multiple of PAD_TO; the fit is the
     unpadded fit (same objective, same W, an r x r A)."""
@@ -269,11 +279,7 @@ def test_large_reduced_problem_is_padded_to_a_blas_friendly_size(monkeypatch):
     (padded,) = fit_probes([as_problem(d, [0.3])], spec, **kw)[0]
     assert spy.calls[-1]["q"] == 272 and spy.calls[-1]["r"] == [270]
     assert tuple(padded.A.shape) == (270, 270)
-    assert padded.converged and plain.converged
-    assert rel(padded.objective, plain.objective) < 1e-9
-    torch.testing.assert_close(padded.matrix_tensor(), plain.matrix_tensor(), atol=1e-6, rtol=1e-6)
-    f_pub = probe_objective(padded.matrix(), d["X"], d["trip"], d["ans"], 0.3, spec)
-    assert rel(f_pub, padded.objective) < 1e-6
+    assert_same_optimum(padded, plain, d, 0.3, spec, pub_tol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -347,8 +353,4 @@ def test_fit_in_the_tail_triangular_basis_equals_the_plain_fit(monkeypatch):
     tri = fit_probes([as_problem(d, lams)], spec, **TIGHT)[0]
     assert seen == [1]
     for a, b, lam in zip(plain, tri, lams, strict=True):
-        assert a.converged and b.converged
-        assert rel(a.objective, b.objective) < 1e-9
-        torch.testing.assert_close(b.matrix_tensor(), a.matrix_tensor(), atol=1e-6, rtol=1e-6)
-        f_pub = probe_objective(b.matrix(), d["X"], d["trip"], d["ans"], lam, spec)
-        assert rel(f_pub, b.objective) < 1e-9
+        assert_same_optimum(b, a, d, lam, spec, pub_tol=1e-9)

@@ -845,7 +845,7 @@ def _objective(
     if family == "diagonal":
         shape = (q,)
         x0 = torch.ones(B, q, dtype=dt, device=dev)
-        Dg = Dinv = torch.ones(G, q, dtype=dt, device=dev)
+        Dg = torch.ones(G, q, dtype=dt, device=dev)
 
         def model(x, Xs):
             return Xs * x[:, None, :]
@@ -853,7 +853,7 @@ def _objective(
         def back(dZ, x, Xs):
             return (dZ * Xs).sum(1)
 
-        def pen(x, Dinv_, idx, grad=True):
+        def pen(x, idx, grad=True):
             if penalty == "shrinkage":
                 c = x - x.mean(-1, keepdim=True)
                 return (c * c).sum(-1), 2 * c
@@ -891,9 +891,10 @@ def _objective(
         def back(dZ, x, Xs):
             return _back(dZ, Xs, lead).reshape(x.shape[0], -1)
 
-        def pen(x, Dinv_, idx, grad=True):
+        def pen(x, idx, grad=True):
             """R at x and its gradient with respect to x (None unless ``grad``)."""
-            M = x.reshape(-1, *shape) * Dinv_[:, None, :]  # a fresh tensor
+            Di = sel(Dinv, idx)[:, None, :]
+            M = x.reshape(-1, *shape) * Di  # a fresh tensor
             if penalty == "frobenius":
                 v, g = _vecdot(M, M), M
             elif family == "rank":
@@ -903,7 +904,7 @@ def _objective(
                 v, g = _square_shrinkage(M, sel(r, idx), sel(mask, idx))
             if not grad:
                 return v, None
-            return v, g.mul_(2 * Dinv_[:, None, :]).reshape(x.shape[0], -1)
+            return v, g.mul_(2 * Di).reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group, block-diagonal per set of active fits
     # (on SPARSE_DEVICES only: on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is
@@ -932,7 +933,7 @@ def _objective(
         pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
         loss, gl = _data_value(Z, pidx, ans, w, block(idx))
         if penalty != "l1":
-            v, _ = pen(x, sel(Dinv, idx), idx, grad=False)
+            v, _ = pen(x, idx, grad=False)
             loss = loss + (lam[idx] * v).to(torch.float64)
         return loss, gl
 
@@ -940,7 +941,7 @@ def _objective(
         dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx))
         g = back(dZ, x, sel(Xg, idx))
         if penalty != "l1":
-            _, gp = pen(x, sel(Dinv, idx), idx)
+            _, gp = pen(x, idx)
             g = g.addcmul_(lam[idx, None], gp)
         return g
 
@@ -964,7 +965,7 @@ def _objective(
         every = torch.arange(B, device=dev)
         Z = model(x0, sel(Xg, every))
         L0 = _triplet_logits(Z, sel(ctx.pidx, every), block(every))
-        v0 = pen(x0, sel(Dinv, every), every)[0]
+        v0 = pen(x0, every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
     return _Objective(smooth, split, x0, lam, unpack, shape, start)
