@@ -65,7 +65,7 @@ TRI_ROWS = 96
 # The flat part of the column preconditioner of a reduced problem: D_e^2 = sigma_e^2 / mean + FLAT
 # (``_objective``). Measured on the benchmark's recovery job (4 candidates x 11 lambdas x 3 folds):
 # 5 takes 6% fewer L-BFGS iterations than 3 on its r = 865 problems (3,480 against 3,700) and 1%
-# more at r = 512; 1 and below take 17-50% more, 10 and 30 more at small lambda (fewer at large).
+# more at r = 512; 1 and 0.3 take 13-49% more, 10 and 30 more at small lambda (fewer at large).
 PRECOND_FLAT = 5.0
 FAMILIES = ("full", "diagonal", "rank", "zero_shot", "pca")
 PENALTIES = ("shrinkage", "frobenius", "l1")
