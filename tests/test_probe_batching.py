@@ -5,6 +5,7 @@ N and the coordinates q, the padded coordinates masked) give the fits each probl
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -354,3 +355,85 @@ def test_fit_in_the_tail_triangular_basis_equals_the_plain_fit(monkeypatch):
     assert seen == [1]
     for a, b, lam in zip(plain, tri, lams, strict=True):
         assert_same_optimum(b, a, d, lam, spec, pub_tol=1e-9)
+
+
+@pytest.fixture
+def four_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_concurrent_batches_equal_sequential_ones(monkeypatch, four_threads):
+    # 3 problems x 2 lambdas in batches of 1: 6 batches over 2 worker threads of 2 torch threads
+    datas = [make_problem(61 + s, p=8, n_train=16, n_trip=90) for s in range(3)]
+    spec = ProbeSpec.parse("full", "shrinkage")
+    problems = [as_problem(d, [0.02, 0.2]) for d in datas]
+    one_by_one = fit_probes(problems, spec, max_batch=1, workers=1, **TIGHT)
+    seen = []  # (thread, torch threads inside it) of every batch
+    real = probe._fit_context
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread(), torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "_fit_context", spy)
+    messages, loggers = [], []
+
+    def log(message):
+        messages.append(message)
+        loggers.append(threading.current_thread())
+
+    together = fit_probes(problems, spec, max_batch=1, workers=2, log=log, **TIGHT)
+    check_same(together, one_by_one, datas, spec, mat_tol=1e-9)
+    assert len(seen) == 6
+    assert threading.main_thread() not in {t for t, _ in seen}  # every batch on a worker
+    assert len({t for t, _ in seen}) == 2
+    assert {k for _, k in seen} == {2}  # each worker: its share of the 4 threads
+    assert torch.get_num_threads() == 4  # restored
+    # the log still counts every batch, from the calling thread, in completion order
+    assert [m.split()[1] for m in messages] == [f"{k}/6" for k in range(1, 7)]
+    assert set(loggers) == {threading.main_thread()}
+
+
+def test_default_workers_follow_torch_threads_on_the_cpu(monkeypatch, four_threads):
+    datas = [make_problem(71, p=6, n_train=12, n_trip=60)]
+    seen = []
+    real = probe._fit_context
+
+    def spy(*args, **kwargs):
+        seen.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "_fit_context", spy)
+    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), max_batch=1, **TIGHT)
+    assert len(seen) == 2 and threading.main_thread() not in seen  # 2 batches: 2 workers
+    assert probe._available_memory() > 0  # known on Linux
+    seen.clear()
+    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), **TIGHT)
+    assert seen == [threading.main_thread()]  # one batch: run in place, on all threads
+    monkeypatch.setattr(probe, "_available_memory", lambda: 10_000)  # room for no second batch
+    seen.clear()
+    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), max_batch=1, **TIGHT)
+    assert seen == [threading.main_thread()] * 2
+    monkeypatch.setattr(probe, "_available_memory", lambda: None)  # unknown: no cap
+    torch.set_num_threads(1)
+    seen.clear()
+    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), max_batch=1, **TIGHT)
+    assert seen == [threading.main_thread()] * 2  # one thread: one batch after another
+
+
+def test_an_error_in_a_concurrent_batch_reaches_the_caller(monkeypatch, four_threads):
+    d = make_problem(81, p=6, n_train=12, n_trip=60)
+    real = probe._fit_context
+
+    def failing(ctx, spec, lams, *args, **kwargs):
+        if lams == [1.0]:
+            raise RuntimeError("batch failed")
+        return real(ctx, spec, lams, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "_fit_context", failing)
+    with pytest.raises(RuntimeError, match="batch failed"):
+        fit_probes([as_problem(d, [0.01, 0.1, 1.0])], ProbeSpec(), max_batch=1, workers=2)
+    assert torch.get_num_threads() == 4
