@@ -437,3 +437,15 @@ def test_an_error_in_a_concurrent_batch_reaches_the_caller(monkeypatch, four_thr
     with pytest.raises(RuntimeError, match="batch failed"):
         fit_probes([as_problem(d, [0.01, 0.1, 1.0])], ProbeSpec(), max_batch=1, workers=2)
     assert torch.get_num_threads() == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_worker_counts_are_refused(bad):
+    d = make_problem(91, p=4, n_train=8, n_trip=20)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        fit_probes([as_problem(d, [0.1])], ProbeSpec(), workers=bad)
+
+
+def test_no_problems_no_fits():
+    assert fit_probes([], ProbeSpec()) == []
+    assert fit_probes([], ProbeSpec(), workers=2) == []

@@ -721,6 +721,10 @@ def fit_probes(
     """
     device = resolve_device(device)
     reduce = _uses_reduction(spec)
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     for problem in problems:
         lams = [float(x) for x in problem.lams]
         if not lams or any(not math.isfinite(x) or x < 0 for x in lams):
@@ -816,7 +820,7 @@ def fit_probes(
     done = 0
     if workers is None:  # CPU: one per torch thread, as many as fit in memory_budget
         workers = torch.get_num_threads() if device.type == "cpu" else 1
-        free = _available_memory() if workers > 1 else None
+        free = _available_memory() if workers > 1 and batches else None
         if free is not None:
             need = max(fit_bytes([i for i, _ in u]) * sum(len(p) for _, p in u) for u in batches)
             workers = max(1, min(workers, int(memory_budget * free // need)))
@@ -857,12 +861,12 @@ def _run_batches(run: Callable, batches: list, workers: int):
     with an equal share of torch's intra-op threads for its own operations. On the CPU one fit
     per thread beats one fit on all threads: an iteration is many small and memory-bound
     operations whose parallel split costs more than it gains (the benchmark's recovery job on 2
-    cores: 120.6 and 120.8 s on 2 workers against 140.3 and 152.3 s on 1). Largest batches go
-    first so that the last ones to finish are short.
+    cores: 120.6 and 120.8 s on 2 workers against 140.3 and 152.3 s on 1). The batches of the
+    largest problems go first, so that the last ones to finish are short.
     """
     threads = torch.get_num_threads()
-    workers = max(1, min(int(workers), len(batches)))
-    if workers == 1:
+    workers = min(workers, len(batches))
+    if workers <= 1:
         for units in batches:
             yield run(units)
         return
@@ -879,7 +883,7 @@ def _run_batches(run: Callable, batches: list, workers: int):
                 for fut in futures:
                     fut.cancel()
     finally:
-        torch.set_num_threads(threads)  # the workers changed torch's default for new threads
+        torch.set_num_threads(threads)  # the workers' setting is process-wide: undo it
 
 
 @dataclass
