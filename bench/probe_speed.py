@@ -1,6 +1,7 @@
 """Probe-fitting speed: the project's fitter against the plain reference, side by side, one run.
 
     .venv/bin/python bench/probe_speed.py [--device cpu|cuda] [--reference-folds 1|2|3]
+        [--skip-single] [--skip-job] [--ours-only] [--workers K]
 
 Lines 1-2: one fit at p = 1,024 and p = 4,096 (n = 1,854 concepts of which 865 train,
 N = 25,600 training triplets, shrinkage, lambda = 1e-4). Both objectives are re-evaluated by the
@@ -68,7 +69,9 @@ def single(p: int, latent, device: str) -> dict:
     return dict(p=p, t_ours=t_ours, t_ref=t_ref, o_ours=o_ours, o_ref=o_ref)
 
 
-def job(latent, device: str, reference_folds: int, reference_lams: list[float] | None) -> dict:
+def job(
+    latent, device: str, reference_folds: int, reference_lams: list[float] | None, workers=None
+) -> dict:
     dims = [256, 512, 1024, 2048]
     folds = concept_folds(N_CONCEPTS, 1)
     data = []
@@ -79,7 +82,7 @@ def job(latent, device: str, reference_folds: int, reference_lams: list[float] |
     problems = [FitProblem(feats[p], t, a, LAMS) for (t, a) in data for p in dims]
     _sync(device)
     t0 = time.perf_counter()
-    fits = fit_probes(problems, SPEC, device=device)
+    fits = fit_probes(problems, SPEC, device=device, workers=workers)
     Ws = [[f.matrix() for f in fl] for fl in fits]
     _sync(device)
     t_ours = time.perf_counter() - t0
@@ -127,6 +130,12 @@ def main() -> None:
     ap.add_argument(
         "--ours-only", action="store_true", help="time only the project's fitter on the job"
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="concurrent batches of the job (default: fit_probes' choice; 1: one after another)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     latent = latent_codes(N_CONCEPTS)
@@ -144,7 +153,8 @@ def main() -> None:
         lams = None
         if args.reference_lambdas:
             lams = [float(x) for x in args.reference_lambdas.split(",")]
-        r = job(latent, args.device, args.reference_folds, [] if args.ours_only else lams)
+        refs = [] if args.ours_only else lams
+        r = job(latent, args.device, args.reference_folds, refs, args.workers)
         if r["t_ref"] is None:
             print(f"recovery job 132 fits: ours {r['t_ours']:7.1f} s (reference not run)")
             return

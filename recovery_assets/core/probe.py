@@ -861,7 +861,7 @@ def _run_batches(run: Callable, batches: list, workers: int):
     with an equal share of torch's intra-op threads for its own operations. On the CPU one fit
     per thread beats one fit on all threads: an iteration is many small and memory-bound
     operations whose parallel split costs more than it gains (the benchmark's recovery job on 2
-    cores: 120.6 and 120.8 s on 2 workers against 140.3 and 152.3 s on 1). The batches of the
+    cores: 118.4 and 120.3 s on 2 workers against 137.1 and 155.0 s on 1). The batches of the
     largest problems go first, so that the last ones to finish are short.
     """
     threads = torch.get_num_threads()
