@@ -63,6 +63,8 @@ class Spy:
                     r=list(ctx.r),
                     w=ctx.w.clone(),
                     gid=list(kwargs.get("gid") or []),
+                    thread=threading.current_thread(),
+                    threads=torch.get_num_threads(),
                 )
             )
             return real(ctx, spec, lams, *args, **kwargs)
@@ -371,14 +373,7 @@ def test_concurrent_batches_equal_sequential_ones(monkeypatch, four_threads):
     spec = ProbeSpec.parse("full", "shrinkage")
     problems = [as_problem(d, [0.02, 0.2]) for d in datas]
     one_by_one = fit_probes(problems, spec, max_batch=1, workers=1, **TIGHT)
-    seen = []  # (thread, torch threads inside it) of every batch
-    real = probe._fit_context
-
-    def spy(*args, **kwargs):
-        seen.append((threading.current_thread(), torch.get_num_threads()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(probe, "_fit_context", spy)
+    spy = Spy(monkeypatch)
     messages, loggers = [], []
 
     def log(message):
@@ -387,6 +382,7 @@ def test_concurrent_batches_equal_sequential_ones(monkeypatch, four_threads):
 
     together = fit_probes(problems, spec, max_batch=1, workers=2, log=log, **TIGHT)
     check_same(together, one_by_one, datas, spec, mat_tol=1e-9)
+    seen = [(c["thread"], c["threads"]) for c in spy.calls]  # of every batch
     assert len(seen) == 6
     assert threading.main_thread() not in {t for t, _ in seen}  # every batch on a worker
     assert len({t for t, _ in seen}) == 2
@@ -398,30 +394,23 @@ def test_concurrent_batches_equal_sequential_ones(monkeypatch, four_threads):
 
 
 def test_default_workers_follow_torch_threads_on_the_cpu(monkeypatch, four_threads):
-    datas = [make_problem(71, p=6, n_train=12, n_trip=60)]
-    seen = []
-    real = probe._fit_context
+    problem = as_problem(make_problem(71, p=6, n_train=12, n_trip=60), [0.1, 1.0])
+    main = threading.main_thread()
 
-    def spy(*args, **kwargs):
-        seen.append(threading.current_thread())
-        return real(*args, **kwargs)
+    def threads_of_batches(**kw):
+        spy = Spy(monkeypatch)
+        fit_probes([problem], ProbeSpec(), **kw, **TIGHT)
+        return [c["thread"] for c in spy.calls]
 
-    monkeypatch.setattr(probe, "_fit_context", spy)
-    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), max_batch=1, **TIGHT)
-    assert len(seen) == 2 and threading.main_thread() not in seen  # 2 batches: 2 workers
+    seen = threads_of_batches(max_batch=1)
+    assert len(seen) == 2 and main not in seen  # 2 batches: 2 workers
     assert probe._available_memory() > 0  # known on Linux
-    seen.clear()
-    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), **TIGHT)
-    assert seen == [threading.main_thread()]  # one batch: run in place, on all threads
+    assert threads_of_batches() == [main]  # one batch: run in place, on all threads
     monkeypatch.setattr(probe, "_available_memory", lambda: 10_000)  # room for no second batch
-    seen.clear()
-    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), max_batch=1, **TIGHT)
-    assert seen == [threading.main_thread()] * 2
+    assert threads_of_batches(max_batch=1) == [main] * 2
     monkeypatch.setattr(probe, "_available_memory", lambda: None)  # unknown: no cap
     torch.set_num_threads(1)
-    seen.clear()
-    fit_probes([as_problem(datas[0], [0.1, 1.0])], ProbeSpec(), max_batch=1, **TIGHT)
-    assert seen == [threading.main_thread()] * 2  # one thread: one batch after another
+    assert threads_of_batches(max_batch=1) == [main] * 2  # one thread: one after another
 
 
 def test_an_error_in_a_concurrent_batch_reaches_the_caller(monkeypatch, four_threads):

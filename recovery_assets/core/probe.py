@@ -749,18 +749,18 @@ def fit_probes(
     def stackable(a, b):
         return reduce or dims(a)[0] == dims(b)[0]
 
+    def padded(members):
+        """(q, n, N) of these problems stacked in one batch."""
+        return tuple(max(dims(i)[k] for i in members) for k in range(3))
+
     def fit_bytes(members):
         """Memory of one fit of a batch of these problems: history, iterates, Gram, logits."""
-        q = max(dims(i)[0] for i in members)
-        n = max(dims(i)[1] for i in members)
-        N = max(dims(i)[2] for i in members)
+        q, n, N = padded(members)
         size = contexts[members[0]].X.element_size()
         return ((2 * history + 8) * q * q + 4 * n * n + 8 * N) * size
 
     def limit_for(members):
-        q = max(dims(i)[0] for i in members)
-        n = max(dims(i)[1] for i in members)
-        N = max(dims(i)[2] for i in members)
+        q, n, N = padded(members)
         if max_batch is not None:
             return max(1, int(max_batch))
         if device.type == "cuda":
