@@ -61,6 +61,20 @@ assert len(THINGS_COLUMNS) == 25
 CONVENTIONS = ("pair_pair_odd", "odd_pair_pair")
 LAYOUTS = ("things", "flat")
 FORMATS = ("txt", "npy")
+TRIPLET_FORMS = ("triplets", "triplet_dataset", "release_table")
+CHOICE_ENCODINGS = ("position", "concept")
+SUBJECT_FORMATS = ("int", "str")
+#: The release table's name and its columns as written (an extra ``RT`` column included).
+RELEASE_TABLE = "triplets_large_final_correctednc_correctedorder.csv"
+RELEASE_WRITTEN_COLUMNS = (
+    "image1",
+    "image2",
+    "image3",
+    "choice",
+    "RT",
+    "subject_id",
+    "noise_ceiling",
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,6 +160,9 @@ def make_things_folder(
     n_val: int = 300,
     test_triplets: int = 300,
     repeats: int = 8,
+    triplet_form: str = "triplets",
+    choice_encoding: str = "position",
+    subject_format: str = "int",
 ) -> dict[str, Any]:
     """Build a small THINGS-shaped folder at ``root`` from the demo machinery.
 
@@ -167,6 +184,18 @@ def make_things_folder(
         then ambiguous).
     layout : ``"things"`` (``images/<id>/<id>_01b.jpg``) or ``"flat"`` (``images/<id>.jpg``).
     file_format : ``"txt"`` (``triplets/<name>.txt``) or ``"npy"`` (``triplets/<name>.npy``).
+    triplet_form : where and how the judgements are written: ``"triplets"`` (the files in
+        ``triplets/``), ``"triplet_dataset"`` (the files in ``triplet_dataset/``, as in the
+        THINGS-data release) or ``"release_table"`` (only the raw release table
+        ``triplets_large_final_correctednc_correctedorder.csv`` in the root: tab-separated,
+        columns :data:`RELEASE_WRITTEN_COLUMNS`, 1-based indices, in each row the odd one at a
+        random position and the pair in its canonical order around it; the training and
+        validation rows with ``noise_ceiling`` 0, test sets 1-3 with 1-3; the groups are
+        interleaved at random, each in its set order, the training rows before the validation
+        rows; ``convention`` and ``file_format`` are ignored).
+    choice_encoding : for the table: ``"position"`` (``choice`` is the 1-based position of the
+        odd one in the row) or ``"concept"`` (its 1-based concept index).
+    subject_format : for the table: ``"int"`` (ids like ``1042``) or ``"str"`` (``"S1042"``).
 
     Returns
     -------
@@ -174,7 +203,13 @@ def make_things_folder(
     images in table order); ``rows`` (name -> canonical ``[pair, pair, odd]`` rows, with the
     indices as written in the files); ``order`` (table row ``r`` holds demo concept
     ``order[r]``; the identity unless ``shuffled``); ``convention``; ``table`` (the 25-column
-    table as written); ``concepts``, ``image_dir``, ``files`` (name -> path).
+    table as written); ``concepts``, ``image_dir``, ``files`` (name -> path; for the table
+    every set maps to the table); ``triplet_form``; ``set_rows`` (name -> rows of each set);
+    for ``"release_table"`` also ``release_table`` (its path), ``choice_encoding``,
+    ``group_rows`` (``trainset`` / ``testset1-3`` -> rows with noise_ceiling 0 / 1-3),
+    ``release_rows`` (the same names -> expected canonical rows, file order: the training
+    group is ``trainset`` then ``validationset``), ``subjects`` (the same names -> expected
+    subject ids), ``release_frame`` (the table as written, a DataFrame).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -182,6 +217,12 @@ def make_things_folder(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if file_format not in FORMATS:
         raise ValueError(f"file_format must be one of {FORMATS}, got {file_format!r}")
+    if triplet_form not in TRIPLET_FORMS:
+        raise ValueError(f"triplet_form must be one of {TRIPLET_FORMS}, got {triplet_form!r}")
+    if choice_encoding not in CHOICE_ENCODINGS:
+        raise ValueError(f"choice_encoding must be one of {CHOICE_ENCODINGS}")
+    if subject_format not in SUBJECT_FORMATS:
+        raise ValueError(f"subject_format must be one of {SUBJECT_FORMATS}")
     root = Path(root)
     demo, images, canonical = _demo_data(
         n_families, crops, seed, n_train, n_val, test_triplets, repeats
@@ -207,6 +248,18 @@ def make_things_folder(
             np.savetxt(txt, stored, fmt="%d", delimiter=" ")
             files[name] = txt
 
+    release: dict[str, Any] = {}
+    if triplet_form == "triplet_dataset":
+        target = root / "triplet_dataset"
+        paths["triplets"].rename(target)
+        files = {name: target / path.name for name, path in files.items()}
+    elif triplet_form == "release_table":
+        shutil.rmtree(paths["triplets"])
+        release = _write_release_table(
+            root / RELEASE_TABLE, canonical, choice_encoding, subject_format, seed
+        )
+        files = {name: root / RELEASE_TABLE for name in canonical}
+
     ids = table["uniqueID"].tolist()
     image_dir = paths["images"]
     if layout == "flat":
@@ -226,4 +279,69 @@ def make_things_folder(
         "concepts": paths["concepts"],
         "image_dir": image_dir,
         "files": files,
+        "triplet_form": triplet_form,
+        "set_rows": {name: int(rows.shape[0]) for name, rows in canonical.items()},
+        **release,
+    }
+
+
+def _write_release_table(
+    path: Path,
+    canonical: dict[str, np.ndarray],
+    choice_encoding: str,
+    subject_format: str,
+    seed: int,
+) -> dict[str, Any]:
+    """Write the judgements as the THINGS-data release table; return what a test checks."""
+    rng = np.random.default_rng([seed, 7])
+    groups = {
+        "trainset": np.concatenate([canonical["trainset"], canonical["validationset"]]),
+        "testset1": canonical["testset1"],
+        "testset2": canonical["testset2"],
+        "testset3": canonical["testset3"],
+    }
+    value = {"trainset": 0, "testset1": 1, "testset2": 2, "testset3": 3}
+    subjects: dict[str, np.ndarray] = {}
+    for name, rows in groups.items():
+        ids = 1000 + rng.integers(0, 150, rows.shape[0])
+        subjects[name] = ids if subject_format == "int" else np.array([f"S{i}" for i in ids])
+    # Interleave the groups at random, each keeping its own order.
+    labels = np.concatenate([np.full(rows.shape[0], value[n]) for n, rows in groups.items()])
+    labels = labels[rng.permutation(labels.size)]
+    m = labels.size
+    canon = np.empty((m, 3), dtype=np.int64)
+    subject = np.empty(m, dtype=object)
+    for name, rows in groups.items():
+        where = np.flatnonzero(labels == value[name])
+        canon[where] = rows
+        subject[where] = subjects[name]
+    # The odd one at a random position of the row, the pair in its order in the other two.
+    odd_position = rng.integers(0, 3, m)
+    others = np.array([[1, 2], [0, 2], [0, 1]])[odd_position]
+    images = np.empty((m, 3), dtype=np.int64)
+    rows_index = np.arange(m)
+    images[rows_index, odd_position] = canon[:, 2] + 1
+    images[rows_index, others[:, 0]] = canon[:, 0] + 1
+    images[rows_index, others[:, 1]] = canon[:, 1] + 1
+    choice = odd_position + 1 if choice_encoding == "position" else canon[:, 2] + 1
+    frame = pd.DataFrame(
+        {
+            "image1": images[:, 0],
+            "image2": images[:, 1],
+            "image3": images[:, 2],
+            "choice": choice,
+            "RT": np.round(rng.uniform(0.5, 6.0, m), 3),
+            "subject_id": subject if subject_format == "str" else subject.astype(np.int64),
+            "noise_ceiling": labels,
+        },
+        columns=list(RELEASE_WRITTEN_COLUMNS),
+    )
+    frame.to_csv(path, sep="\t", index=False)
+    return {
+        "release_table": path,
+        "choice_encoding": choice_encoding,
+        "group_rows": {name: int(rows.shape[0]) for name, rows in groups.items()},
+        "release_rows": {name: np.array(rows) for name, rows in groups.items()},
+        "subjects": subjects,
+        "release_frame": frame,
     }
