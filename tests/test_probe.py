@@ -104,7 +104,10 @@ def naive_penalty(W: torch.Tensor, family: str, penalty: str, P=None) -> torch.T
 
 
 def naive_objective(W, d, lam, family="full", penalty="shrinkage", P=None, smooth_only=False):
-    ce = torch.nn.functional.cross_entropy(naive_logits(d["X"] @ W.T, d["trip"]), d["ans"])
+    X = d["X"]
+    if family == "pca":  # pca:k: centred principal-component scores, as sklearn's PCA gives
+        X = X - X.mean(0, keepdim=True)
+    ce = torch.nn.functional.cross_entropy(naive_logits(X @ W.T, d["trip"]), d["ans"])
     if smooth_only:
         return ce
     return ce + lam * naive_penalty(W, family, penalty, P)
@@ -458,7 +461,14 @@ def test_other_families_reach_reference_optimum(family, penalty):
         assert f_fit < f_id - 1e-4, (f_fit, f_id)
         if spec.family == "diagonal":  # the diagonal family stays diagonal
             assert torch.count_nonzero(W - torch.diag(torch.diagonal(W))) == 0
-        torch.testing.assert_close(fit.transform(d["X"]).to(F64), d["X"] @ W.T)
+        Xw = d["X"] - d["X"].mean(0) if spec.family == "pca" else d["X"]  # W acts on centred X
+        torch.testing.assert_close(fit.transform(d["X"]).to(F64), Xw @ W.T)
+        if spec.family == "pca":  # the scores are sklearn's PCA.transform (up to column signs)
+            from sklearn.decomposition import PCA
+
+            scores = PCA(spec.k, svd_solver="full").fit(d["X"].numpy()).transform(d["X"].numpy())
+            ours = ((d["X"] - fit.mu) @ fit.P).numpy()
+            np.testing.assert_allclose(np.abs(ours), np.abs(scores), atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------

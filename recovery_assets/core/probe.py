@@ -11,7 +11,9 @@ cross-entropy over the training triplets plus lambda * R(W), R not divided by th
 
 Families: ``full`` (W is p x p), ``diagonal`` (W = diag(w)), ``rank:k`` (W is k x p, initialised
 to eye(k, p); shrinkage acts on W^T W), ``zero_shot`` (W = I, nothing fitted) and ``pca:k`` (the
-features are first projected onto their k leading principal axes, then a full k x k W is fitted).
+features are replaced by their centred scores on the k leading principal axes, (X - mean) P, as
+``sklearn.decomposition.PCA.transform`` gives, the mean and axes taken over all n concepts; then a
+full k x k W is fitted, so Z = (X - mean) P W_k^T).
 
 Every fit starts from the identity; the optimiser's first move is an exact 1-D search along the
 scaled identities c I (``_scale_search``), then L-BFGS (FISTA for L1). Fitting is batched: many
@@ -450,6 +452,8 @@ class FittedProbe:
 
     ``kind`` is ``reduced`` (W = V A V^T + d (I - V V^T), optionally after a PCA projection P),
     ``matrix`` (W stored whole, k x p or p x p), ``diagonal`` (W = diag(w)) or ``identity``.
+    For ``pca:k`` the features are centred first: Z = (X - mu) W^T with ``mu`` the features' mean
+    over all concepts (``centre``).
     """
 
     spec: ProbeSpec
@@ -460,6 +464,7 @@ class FittedProbe:
     V: torch.Tensor | None = None
     d: float = 0.0
     P: torch.Tensor | None = None  # PCA axes (p x k) for pca:k
+    mu: torch.Tensor | None = None  # pca:k: the features' mean (1 x p), subtracted first
     M: torch.Tensor | None = None
     w: torch.Tensor | None = None
     objective: float = float("nan")
@@ -470,7 +475,8 @@ class FittedProbe:
     extra: dict = field(default_factory=dict)
 
     def matrix(self) -> np.ndarray:
-        """The full transform W as float32 numpy, with Z = X @ W.T."""
+        """The full transform W as float32 numpy, with Z = X @ W.T (pca:k: Z = (X - mu) @ W.T,
+        see ``centre``)."""
         return self.matrix_tensor().to(torch.float32).cpu().numpy()
 
     def matrix_tensor(self) -> torch.Tensor:
@@ -490,14 +496,18 @@ class FittedProbe:
             W = W @ self.P.T.to(W.dtype)
         return W
 
+    def centre(self, X: torch.Tensor) -> torch.Tensor:
+        """The features as the transform sees them: X - mu for pca:k, else X itself."""
+        return X if self.mu is None else X - self.mu.to(X.dtype)
+
     def transform(self, X: torch.Tensor) -> torch.Tensor:
-        """Z = X W^T for features X (n x p) in the fit's dtype and device."""
+        """Z = X W^T (pca:k: (X - mu) W^T) for features X (n x p) in the fit's dtype and device."""
         if self.kind == "identity":
             return X
         if self.kind == "diagonal":
             return X * self.w.to(X.dtype)
         if self.P is not None:
-            X = X @ self.P.to(X.dtype)
+            X = self.centre(X) @ self.P.to(X.dtype)
         if self.kind == "matrix":
             return X @ self.M.to(X.dtype).T
         V, A = self.V.to(X.dtype), self.A.to(X.dtype)
@@ -507,7 +517,7 @@ class FittedProbe:
     def similarity(self, X: torch.Tensor) -> torch.Tensor:
         """The n x n similarities s_ab = z_a . z_b of the given concepts' features."""
         if self.kind == "reduced":
-            Xp = X @ self.P.to(X.dtype) if self.P is not None else X
+            Xp = self.centre(X) @ self.P.to(X.dtype) if self.P is not None else X
             C = Xp @ self.V.to(X.dtype)
             Y = C @ self.A.to(X.dtype).T
             S = Y @ Y.T
@@ -574,6 +584,17 @@ def _triangular_tail(V: torch.Tensor, C: torch.Tensor):
     return V, C, lead
 
 
+def features_for(spec: ProbeSpec, X):
+    """The features a full transform W of ``spec`` acts on: X centred over its rows (all
+    concepts) for ``pca:k``, X itself otherwise; numpy in, float64 numpy out, torch stays torch."""
+    if spec.family != "pca":
+        return X
+    if isinstance(X, torch.Tensor):
+        return X - X.mean(0, keepdim=True)
+    X = np.asarray(X, dtype=np.float64)
+    return X - X.mean(0, keepdims=True)
+
+
 def pca_axes(X: torch.Tensor, k: int) -> torch.Tensor:
     """The k leading principal axes (p x k) of the centred features (float64)."""
     X64 = X.to(torch.float64)
@@ -613,6 +634,7 @@ class _Context:
     w: torch.Tensor  # (G, N) triplet weights: 1/N_g for real triplets, 0 for padding
     V: list  # per group: reduced basis (p x r), or None when fitted in own coordinates
     P: list  # per group: PCA axes or None
+    mu: list  # per group: the features' mean (1 x p) that pca:k subtracts, or None
     p: list  # per group: the raw embedding dimension
     r: list  # per group: the fitting dimension before padding (= X.shape[2] unless merged)
     lead: int | None = None  # one group only: X is lower-trapezoidal after this many columns
@@ -623,10 +645,11 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
     trip = torch.as_tensor(np.asarray(problem.triplets), dtype=torch.long, device=device)
     ans = torch.as_tensor(np.asarray(problem.answers), dtype=torch.long, device=device)
     p = X.shape[1]
-    P = None
-    if spec.family == "pca":
+    P = mu = None
+    if spec.family == "pca":  # centred principal-component scores, over all n concepts
+        mu = X.mean(0, keepdim=True)
         P = pca_axes(X, spec.k)
-        X = X @ P
+        X = (X - mu) @ P
     concepts, local = torch.unique(trip.reshape(-1), return_inverse=True)
     local = local.reshape(-1, 3)
     Xt = X[concepts]
@@ -649,6 +672,7 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         w=torch.full((1, N), 1.0 / N, dtype=dtype, device=device),
         V=[V],
         P=[P],
+        mu=[mu],
         p=[p],
         r=[r],
         lead=lead,
@@ -684,6 +708,7 @@ def _merge(contexts: list[_Context]) -> _Context:
         w=torch.stack(ws),
         V=[v for c in contexts for v in c.V],
         P=[q for c in contexts for q in c.P],
+        mu=[m for c in contexts for m in c.mu],
         p=[q for c in contexts for q in c.p],
         r=[r for c in contexts for r in c.r],
     )
@@ -1076,14 +1101,16 @@ def _fit_context(
             evaluations=int(res.evaluations[b]),
             converged=bool(res.converged[b]),
         )
-        p, V, P = ctx.p[g], ctx.V[g], ctx.P[g]
+        p, V, P, mu = ctx.p[g], ctx.V[g], ctx.P[g], ctx.mu[g]
         if family == "diagonal":
             fits.append(FittedProbe(spec, lam_b, "diagonal", p, w=param, **common))
         elif V is not None:
             d = float(torch.trace(param) / param.shape[0]) if penalty == "shrinkage" else 0.0
-            fits.append(FittedProbe(spec, lam_b, "reduced", p, A=param, V=V, d=d, P=P, **common))
+            fits.append(
+                FittedProbe(spec, lam_b, "reduced", p, A=param, V=V, d=d, P=P, mu=mu, **common)
+            )
         else:
-            fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, **common))
+            fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, mu=mu, **common))
     return fits
 
 
@@ -1103,9 +1130,9 @@ def probe_metrics(
     """Objective, accuracy and NLL (T = 1) of a full transform W on a triplet set, in float64.
 
     The objective is computed by the plain formula of §4: mean cross-entropy over the triplets +
-    lambda * R(W). For ``pca:k`` the penalty applies to the k x k transform of the principal
-    components, W P with P the PCA axes."""
-    X = _as_tensor(features, torch.float64, "cpu")
+    lambda * R(W). For ``pca:k`` W acts on the centred features (``features_for``) and the penalty
+    applies to the k x k transform of the principal components, W P with P the PCA axes."""
+    X = features_for(spec, _as_tensor(features, torch.float64, "cpu"))
     W = _as_tensor(W, torch.float64, "cpu")
     trip = torch.as_tensor(np.asarray(triplets), dtype=torch.long)
     ans = torch.as_tensor(np.asarray(answers), dtype=torch.long)

@@ -44,7 +44,7 @@ def similarities(fits: Sequence[FittedProbe], X: torch.Tensor) -> torch.Tensor:
         V = f0.V
         Xp = X.to(device=V.device, dtype=V.dtype)
         if f0.P is not None:
-            Xp = Xp @ f0.P.to(V.dtype)
+            Xp = f0.centre(Xp) @ f0.P.to(V.dtype)
         C = Xp @ V
         Kres = Xp @ Xp.T - C @ C.T
         A = torch.stack([fits[b].A.to(V.dtype) for b in members])
