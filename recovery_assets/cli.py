@@ -189,24 +189,95 @@ def _open_study(study_path: str | None):
         _fail("study", str(exc))
 
 
+STUDY_HELP = "a study file, or the name of a shipped study (default: $RECOVERY_STUDY, else demo)"
+
+
 @main.command("study")
+@click.option("--study", "study_path", default=None, help=STUDY_HELP)
 @click.option(
-    "--study", "study_path", default=None, help="studies/*.yaml (default: $RECOVERY_STUDY or demo)"
+    "--dask-scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="run the steps on this Dask cluster's workers (tcp://host:8786)",
 )
-def study_cmd(study_path: str | None) -> None:
-    """Materialize the whole study into the Dagster instance ($DAGSTER_HOME) and DuckDB."""
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="start a local Dask cluster of K worker processes for the steps",
+)
+@click.option(
+    "--max-concurrent-runs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="run up to this many partitions of a stage at once, each in its own process "
+    "(default with Dask: 4)",
+)
+def study_cmd(
+    study_path: str | None,
+    dask_scheduler: str | None,
+    dask_workers: int | None,
+    max_concurrent_runs: int | None,
+) -> None:
+    """Materialize the whole study into the Dagster instance and DuckDB.
+
+    The instance is $DAGSTER_HOME (default: ./dagster_home, created with the project's settings);
+    the results go to $RECOVERY_DATA/<study> (default: ./data/<study>). Without options every
+    step runs in this one process, one partition after another; with them, each stage's
+    partitions run as concurrent runs, their steps on Dask when asked.
+    """
     import logging
 
     import dagster as dg
 
-    from recovery_assets.run import materialize_study
+    from recovery_assets.instance import ensure_home
+    from recovery_assets.run import RunFailed, materialize_study, run_study
 
     study = _open_study(study_path)
+    if dask_scheduler and dask_workers:
+        _fail("study", "give --dask-scheduler or --dask-workers, not both")
+    if dask_scheduler is not None and "://" not in dask_scheduler:
+        _fail(
+            "study", f"--dask-scheduler {dask_scheduler}: expected an address like tcp://host:8786"
+        )
+    ensure_home()
     logging.getLogger("dagster").setLevel(logging.WARNING)
-    with dg.DagsterInstance.get() as instance:
-        store = materialize_study(study, instance, echo=click.echo)
+    if dask_scheduler or dask_workers or max_concurrent_runs:
+        cluster = None
+        dask = None
+        if dask_scheduler:
+            dask = {"cluster": {"existing": {"address": dask_scheduler}}}
+        elif dask_workers:
+            from distributed import LocalCluster
+
+            resources = {"GPU": 1} if study.gpu_resource else None
+            cluster = LocalCluster(
+                n_workers=dask_workers,
+                threads_per_worker=1,
+                processes=True,
+                resources=resources,
+                dashboard_address=None,
+            )
+            dask = {"cluster": {"existing": {"address": cluster.scheduler_address}}}
+            click.echo(f"local Dask cluster: {dask_workers} workers at {cluster.scheduler_address}")
+        try:
+            store = run_study(
+                study,
+                echo=click.echo,
+                dask=dask,
+                max_concurrent_runs=max_concurrent_runs or 4,
+            )
+        except RunFailed as exc:
+            _fail("study", str(exc))
+        finally:
+            if cluster is not None:
+                cluster.close()
+    else:
+        with dg.DagsterInstance.get() as instance:
+            store = materialize_study(study, instance, echo=click.echo)
     click.echo(f"\nrecovery curve ({store.db_path}):")
-    _print_sql(store.db_path, Path(__file__).resolve().parent.parent / "sql" / "recovery_curve.sql")
+    _print_sql(store.db_path, _recipe("recovery_curve"))
     click.echo(f"\nplots: {store.path('plots')}/")
     for png in sorted(store.path("plots").glob("*.png")):
         click.echo(f"  {png.name}")
@@ -232,17 +303,51 @@ def _print_sql(db: Path, sql_file: Path) -> None:
         click.echo(df.to_string(index=False) if len(df) else "(no rows)")
 
 
+def _recipe(name_or_path: str) -> Path:
+    """A SQL file by path, else a shipped recipe by name."""
+    from recovery_assets import shipped
+
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_file():
+        return path
+    found = shipped.find_recipe(name_or_path)
+    if found is None:
+        _fail(
+            "sql",
+            f"{name_or_path}: no such SQL file and no shipped recipe of that name (recipes: "
+            f"{', '.join(shipped.recipe_names())}; see `recovery list`)",
+        )
+    return found
+
+
 @main.command("sql")
-@click.argument("sql_file")
-@click.option(
-    "--study", "study_path", default=None, help="studies/*.yaml (default: $RECOVERY_STUDY or demo)"
-)
-def sql_cmd(sql_file: str, study_path: str | None) -> None:
-    """Run a SQL file against the study's DuckDB views and print the result as a table."""
+@click.argument("recipe")
+@click.option("--study", "study_path", default=None, help=STUDY_HELP)
+def sql_cmd(recipe: str, study_path: str | None) -> None:
+    """Run a shipped SQL recipe (by name: recovery_curve, confusion ...) or a .sql file against
+    the study's DuckDB views and print the result as a table."""
     from recovery_assets.storage import Store, data_root
 
     study = _open_study(study_path)
-    _print_sql(Store(data_root(study)).db_path, Path(sql_file))
+    _print_sql(Store(data_root(study)).db_path, _recipe(recipe))
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(["all", "studies", "recipes"]), default="all")
+def list_cmd(what: str) -> None:
+    """List the shipped studies and SQL recipes (use their names with --study and `sql`)."""
+    from recovery_assets import shipped
+
+    sections = []
+    if what in ("all", "studies"):
+        sections.append(("studies", shipped.studies_dir(), shipped.study_names(), ".yaml"))
+    if what in ("all", "recipes"):
+        sections.append(("recipes", shipped.sql_dir(), shipped.recipe_names(), ".sql"))
+    for title, folder, names, suffix in sections:
+        click.echo(f"{title} ({folder}):")
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            click.echo(f"  {name:<{width}}  {shipped.first_line(folder / (name + suffix))}")
 
 
 @main.command("validate-things")
@@ -260,8 +365,9 @@ def sql_cmd(sql_file: str, study_path: str | None) -> None:
     "--features",
     "features",
     default=None,
-    help="a precomputed feature file whose zero-shot similarity checks the convention "
-    "(default: 8 x 8 pixel similarity of the images)",
+    help="a precomputed feature file (or a thingsvision output with its file_names.txt) whose "
+    "zero-shot similarity checks the convention (default: 8 x 8 pixel similarity of the images; "
+    "with features, the images are optional)",
 )
 def validate_things_cmd(folder, n_concepts, images, layout, features) -> None:
     """Check a THINGS folder without running anything heavy; print one JSON object.
@@ -276,7 +382,13 @@ def validate_things_cmd(folder, n_concepts, images, layout, features) -> None:
     if features is not None:
         try:
             ids = read_concepts(Path(folder) / CONCEPTS_FILE)["uniqueID"].astype(str).tolist()
-            reference, _ = load_feature_file(features, ids)
+            names = Path(features).parent / "file_names.txt"
+            if Path(features).suffix.lower() in (".hdf5", ".h5") or names.is_file():
+                from recovery_assets.sources.thingsvision import load_thingsvision_features
+
+                reference, _ = load_thingsvision_features(features, ids, file_names=names)
+            else:
+                reference, _ = load_feature_file(features, ids)
         except (ThingsDataError, FeatureFileError) as exc:
             problems.append(f"--features {features} not used: {exc}")
     report = validate(

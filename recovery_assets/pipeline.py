@@ -14,6 +14,7 @@ import torch
 
 from recovery_assets.core import geometry, regression
 from recovery_assets.core.generator import fit_generator_probe, triplet_logits
+from recovery_assets.core.probe import features_for
 from recovery_assets.core.recovery import recovery_metrics, select_and_score
 from recovery_assets.core.scoring import score_candidates
 from recovery_assets.core.simulation import synthetic_job
@@ -61,6 +62,7 @@ def _needs_images(study: Study) -> bool:
 
 def _build_things_stimuli(study: Study, store: Store, log: Log) -> dict:
     from recovery_assets.sources.things import (
+        ThingsDataError,
         find_images,
         load_thumbnails,
         read_concepts,
@@ -70,15 +72,23 @@ def _build_things_stimuli(study: Study, store: Store, log: Log) -> dict:
     root = study.things_root()
     concepts = read_concepts(root / "things_concepts.tsv", n_concepts=study.things["n_concepts"])
     ids = concepts["uniqueID"].astype(str).tolist()
-    paths, info = find_images(
-        root, ids, images=study.things["images"], layout=study.things["image_layout"]
-    )
+    needed = _needs_images(study)
+    try:
+        paths, info = find_images(
+            root, ids, images=study.things["images"], layout=study.things["image_layout"]
+        )
+    except ThingsDataError:
+        if needed:
+            raise
+        # every model has precomputed features and a model decides the convention: nothing
+        # reads an image, so a folder without them (licensed images kept elsewhere) is fine
+        paths, info = [None] * len(ids), {"layout": None}
     table = pd.DataFrame({"concept": np.arange(len(ids)), "uniqueID": ids})
     if "Word" in concepts.columns:
         table["word"] = concepts["Word"].astype(str).to_numpy()
     table["image"] = [str(p) if p is not None else "" for p in paths]
     summary = {"n_stimuli": len(ids), "things_root": str(root), "image_layout": info["layout"]}
-    if _needs_images(study):
+    if needed:
         files = require_images(paths, ids, info["dir"])
         log(f"reading {len(files)} THINGS images from {info['dir']} ({info['layout']} layout)")
         store.save_npy(store.path("stimuli", "images.npy"), load_thumbnails(files, size=64))
@@ -107,8 +117,18 @@ def build_embeddings(study: Study, store: Store, model: str, device, log: Log) -
         from recovery_assets.sources.features import load_feature_file
 
         path = study.feature_file(entry)
-        log(f"{model}: reading precomputed features {path}")
-        X, info = load_feature_file(path, table["uniqueID"].astype(str).tolist(), key=entry.key)
+        ids = table["uniqueID"].astype(str).tolist()
+        names = study.file_names_file(entry)
+        if names is not None:  # a thingsvision output: rows mapped by their image file names
+            from recovery_assets.sources.thingsvision import load_thingsvision_features
+
+            log(f"{model}: reading thingsvision features {path} (images listed in {names})")
+            X, info = load_thingsvision_features(
+                path, ids, file_names=names, concept_image=entry.concept_image
+            )
+        else:
+            log(f"{model}: reading precomputed features {path}")
+            X, info = load_feature_file(path, ids, key=entry.key)
         if entry.n_params is not None:
             n_params = entry.n_params
         else:
@@ -182,7 +202,14 @@ def build_human(study: Study, store: Store, log: Log) -> dict:
         reference = lambda trip: triplet_logits(X, trip)  # noqa: E731
     log(f"reading the judgements in {folder} (convention reference: {study.convention_reference})")
     data = load_human_judgements(folder, len(table), reference)
-    store.save_arrays(store.path("human", "judgements.npz"), dict(data.rows), meta=data.metadata())
+    log(
+        f"read {sum(data.n_rows.values())} judgements from the {data.source.replace('_', ' ')}: "
+        + ", ".join(f"{k} {v}" for k, v in data.n_rows.items())
+    )
+    arrays = dict(data.rows)
+    for name, ids in data.subjects.items():  # kept beside the rows ("<set>.subject_id")
+        arrays[f"{name}{SUBJECT_SUFFIX}"] = _plain_ids(ids)
+    store.save_arrays(store.path("human", "judgements.npz"), arrays, meta=data.metadata())
     rows = []
     for name, r in data.rows.items():
         det = data.detection.get(name)
@@ -190,16 +217,24 @@ def build_human(study: Study, store: Store, log: Log) -> dict:
             {
                 "file": name,
                 "path": str(data.paths.get(name, "")),
+                "source": data.source,
                 "rows": int(len(r)),
                 "sha256": data.sha256[name],
                 "convention": data.convention,
+                "choice_encoding": data.choice_encoding,
                 "detected": getattr(det, "decision", None),
+                "n_subjects": int(len(np.unique(data.subjects[name])))
+                if name in data.subjects
+                else None,
                 "noise_ceiling": _ceiling(data.noise_ceiling.get(name)),
             }
         )
     store.write_table("human_judgements", pd.DataFrame(rows))
+    store.write_table("human_triplets", _canonical_table(data))
     train_det = data.detection["trainset"]
     return {
+        "source": data.source,
+        "choice_encoding": data.choice_encoding,
         "convention": data.convention,
         "unambiguous": bool(train_det.unambiguous),
         "detection": train_det.to_dict(),
@@ -207,6 +242,40 @@ def build_human(study: Study, store: Store, log: Log) -> dict:
         "rows": {k: int(len(v)) for k, v in data.rows.items()},
         **summary,
     }
+
+
+SUBJECT_SUFFIX = ".subject_id"
+
+
+def _plain_ids(ids: np.ndarray) -> np.ndarray:
+    """Subject ids as an array np.load reads without pickle: int64 or fixed-width unicode."""
+    ids = np.asarray(ids)
+    return ids.astype(str) if ids.dtype == object else ids
+
+
+def _canonical_table(data) -> pd.DataFrame:
+    """Every judgement in canonical form, one row each, queryable (``human_triplets``): the set,
+    the row within it, the pair (``i``, ``j``), the odd one out (``k``) and the subject id (the
+    release table's; null for the five-file form)."""
+    parts = []
+    for name, r in data.rows.items():
+        part = pd.DataFrame(
+            {
+                "set": name,
+                "row": np.arange(len(r), dtype=np.int64),
+                "i": r[:, 0],
+                "j": r[:, 1],
+                "k": r[:, 2],
+            }
+        )
+        subjects = data.subjects.get(name)
+        part["subject_id"] = (
+            pd.Series(_plain_ids(subjects)).astype(str) if subjects is not None else None
+        )
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True)
+    out["subject_id"] = out["subject_id"].astype("string")
+    return out
 
 
 def _write_demo_observer(study: Study, store: Store, folder, log: Log) -> float:
@@ -240,7 +309,9 @@ def _ceiling(value) -> float | None:
 
 
 def load_human(store: Store) -> tuple[dict[str, np.ndarray], dict]:
-    return store.load_arrays(store.path("human", "judgements.npz"), "human_judgements")
+    """The canonical rows per set (subject ids left out) and the provenance metadata."""
+    arrays, meta = store.load_arrays(store.path("human", "judgements.npz"), "human_judgements")
+    return {k: v for k, v in arrays.items() if not k.endswith(SUBJECT_SUFFIX)}, meta
 
 
 def human_sets(rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -249,16 +320,29 @@ def human_sets(rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.nd
 
 
 # ----------------------------------------------------------------------------- generators
+def generator_training_sets(study: Study, sets: dict) -> list[str]:
+    """The human sets a generator is fitted on: those of ``generator.fit_on`` that the data has
+    (the release table has no separate validation set: its training group holds both)."""
+    return [name for name in study.generator_fit_on if name in sets]
+
+
 def build_generator(study: Study, store: Store, model: str, device, log: Log) -> dict:
+    """One model's generator probe (study.md §5): lambda by cross-validation over the human
+    training judgements (``generator.fit_on``), refit on all of them, T calibrated on test set 2;
+    human accuracy and NLL are reported on test set 2 (at the calibrated T)."""
     rows, meta = load_human(store)
     sets = human_sets(rows)
     X = load_features(store, model)
     ceiling = _ceiling(meta["noise_ceiling"]["testset2"])
     target = ceiling if study.calibration_target == "noise_ceiling" else study.calibration_target
-    evaluation = {k: v for k, v in sets.items() if k in ("validationset", "testset1", "testset3")}
+    fit_on = generator_training_sets(study, sets)
+    train = tuple(np.concatenate([sets[name][i] for name in fit_on]) for i in (0, 1))
+    log(f"{model}: fitting on {', '.join(fit_on)}: {len(train[0])} human judgements")
+    held_out = [k for k in ("validationset", "testset1", "testset2", "testset3") if k not in fit_on]
+    evaluation = {k: sets[k] for k in held_out if k in sets}
     g = fit_generator_probe(
         X,
-        sets["trainset"],
+        train,
         sets["testset2"][0],
         target,
         study.generator_lambdas,
@@ -276,16 +360,17 @@ def build_generator(study: Study, store: Store, model: str, device, log: Log) ->
         {"W": g.W, "temperature": g.temperature, "lam": g.lam},
         meta={"model": model, "target": target, **g.metrics},
     )
-    test_keys = [k for k in ("testset1", "testset3") if f"{k}_accuracy" in g.metrics]
     row = {
         "model": model,
         "lam": g.lam,
         "temperature": g.temperature,
         "target": target,
         "calibrated_mean_max_probability": g.metrics["calibrated_mean_max_probability"],
-        "human_test_accuracy": float(np.mean([g.metrics[f"{k}_accuracy"] for k in test_keys])),
-        "human_test_nll": float(np.mean([g.metrics[f"{k}_nll"] for k in test_keys])),
-        "human_val_accuracy": g.metrics.get("validationset_accuracy"),
+        "human_test_accuracy": g.metrics["testset2_accuracy"],
+        "human_test_nll": g.metrics["testset2_nll"],
+        "human_val_accuracy": g.metrics["cv_accuracy"],
+        "fit_on": "+".join(fit_on),
+        "n_human_train": int(len(train[0])),
         "converged": bool(g.metrics["converged"]),
     }
     store.write_table("generator_probes", pd.DataFrame([row]), {"model": model})
@@ -306,7 +391,7 @@ SPLITS = ("train", "val", "test")
 def build_synthetic(study: Study, store: Store, model: str, n_train: int, log: Log) -> dict:
     X = load_features(store, model)
     W, T = load_generator(store, model)
-    Z = X.astype(np.float64) @ W.T.astype(np.float64)
+    Z = features_for(study.spec, X.astype(np.float64)) @ W.T.astype(np.float64)
     rows, _ = load_human(store)
     n = X.shape[0]
     exclude = np.concatenate([triplet_keys(r, n) for r in rows.values()])
@@ -485,7 +570,7 @@ def build_properties(study: Study, store: Store, log: Log) -> pd.DataFrame:
     rows = []
     emb = store.read_table("embeddings").set_index("model")
     for m in study.model_names:
-        X = load_features(store, m).astype(np.float64)
+        X = features_for(study.spec, load_features(store, m).astype(np.float64))
         W, _ = load_generator(store, m)
         props = geometry.geometry_properties(X, W.astype(np.float64))
         rows.append(

@@ -1,6 +1,8 @@
 """Where a study's results live: arrays in files, tables in Parquet, DuckDB views over them.
 
-Layout under the study's data folder (default ``data/<study name>``)::
+Every study has its own data folder: ``<parent>/<study name>``, the parent being ``$RECOVERY_DATA``
+or else ``data/`` under the working directory (a study's ``data_dir`` names its folder itself).
+So several studies share a parent without touching each other's files. Layout of one folder::
 
     stimuli/images.npy                       the stimulus images (n, H, W, 3) uint8
     embeddings/<model>.npz                   features (n x p)
@@ -31,20 +33,25 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from recovery_assets.study import PACKAGE_ROOT, Study
+from recovery_assets.study import Study
 
 DATA_ENV = "RECOVERY_DATA"
 
 
-def data_root(study: Study) -> Path:
-    """``$RECOVERY_DATA``, else the study's ``data_dir``, else ``data/<study name>``."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env).resolve()
+def data_parent(parent: str | os.PathLike | None = None) -> Path:
+    """The folder holding one data folder per study: ``parent``, else ``$RECOVERY_DATA``, else
+    ``data/`` under the working directory."""
+    raw = parent or os.environ.get(DATA_ENV) or "data"
+    return Path(os.path.expanduser(str(raw))).resolve()
+
+
+def data_root(study: Study, parent: str | os.PathLike | None = None) -> Path:
+    """The study's data folder: its ``data_dir`` when it sets one (relative to the study file),
+    else ``<parent>/<study name>`` (see ``data_parent``)."""
     if study.data_dir:
-        p = Path(study.data_dir)
+        p = Path(os.path.expanduser(study.data_dir))
         return (p if p.is_absolute() else study.path.parent / p).resolve()
-    return (PACKAGE_ROOT / "data" / study.name).resolve()
+    return data_parent(parent) / study.name
 
 
 def _atomic(target: Path, write) -> Path:

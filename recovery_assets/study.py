@@ -1,8 +1,9 @@
 """The study file: the single source of models, sizes, simulations, grids and probe settings.
 
-A study is a YAML file (``studies/*.yaml``). The environment variable ``RECOVERY_STUDY`` selects
-it; the default is ``studies/demo.yaml``. Every setting is validated on load, and a bad file gives
-one error naming the file and the offending key.
+A study is a YAML file: one of the studies shipped with the package (``recovery list``), named
+by its name (``demo``, ``things`` ...) or given by path. The environment variable
+``RECOVERY_STUDY`` selects it; the default is the shipped ``demo``. Every setting is validated on
+load, and a bad file gives one error naming the file and the offending key.
 """
 
 from __future__ import annotations
@@ -15,20 +16,29 @@ from typing import Any
 
 import yaml
 
+from recovery_assets import shipped
 from recovery_assets.core.probe import ProbeSpec
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_STUDY = PACKAGE_ROOT / "studies" / "demo.yaml"
 STUDY_ENV = "RECOVERY_STUDY"
+DEFAULT_STUDY = "demo"
 # Kinds of study: the offline demo universe, or the THINGS data on disk (study.md §2).
 KINDS = ("demo", "things")
 # Where a model's features come from: a timm network run on the stimuli, or a precomputed file.
 MODEL_SOURCES = ("timm", "features")
 WEIGHTS = ("random", "checkpoint", "hf_cache")
 THINGS_ENV = "RECOVERY_THINGS_DIR"
+# A running Dask scheduler for every study of the instance (overrides execution.dask.scheduler).
+DASK_ENV = "RECOVERY_DASK_SCHEDULER"
+EXECUTORS = ("in_process", "dask")
+# dagster-dask's cluster kinds that make sense here (a local cluster, or a batch scheduler's).
+DASK_CLUSTERS = ("local", "slurm", "pbs", "sge", "lsf")
 FEATURES_ENV = "RECOVERY_FEATURES_DIR"
 WEIGHTS_ENV = "RECOVERY_WEIGHTS_DIR"
 IMAGE_LAYOUTS = ("auto", "things", "flat")
+# The human judgement sets a generator may be fitted on (the non-test sets; study.md §5).
+FIT_SETS = ("trainset", "validationset")
+# How a thingsvision feature file with several images per concept becomes one row per concept.
+CONCEPT_IMAGES = ("task", "mean")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -45,7 +55,10 @@ class ModelEntry:
     or ``hf_cache`` (the offline Hugging Face cache, repository ``hf_repo`` or timm's default),
     and optionally a ``layer``. ``source: features``: a precomputed (n x p) feature ``file``
     (``.npy``, ``.npz``, ``.pt``, ``.parquet``) with the parameter count given as ``n_params`` or
-    counted from a timm architecture of the same image tower (``n_params_like``).
+    counted from a timm architecture of the same image tower (``n_params_like``). A thingsvision
+    output (``.hdf5`` / ``.h5``, or a ``.npy`` with a ``file_names.txt`` beside it or named by
+    ``file_names``) is mapped to concepts through its image file names; ``concept_image`` says
+    which row stands for a concept with several images (``task``: its ``_b`` image; ``mean``).
     """
 
     name: str
@@ -61,6 +74,8 @@ class ModelEntry:
     key: str | None = None
     n_params: int | None = None
     n_params_like: str | None = None
+    file_names: str | None = None
+    concept_image: str = "task"
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ class Study:
     generator_lambdas: tuple[float, ...]
     generator_cv_folds: int
     generator_cv_seed: int
+    generator_fit_on: tuple[str, ...]
     calibration_target: str | float  # "noise_ceiling" or a number
     stimuli: dict
     human: dict
@@ -89,6 +105,32 @@ class Study:
     features_dir: str | None = None
     weights_dir: str | None = None
     allow_random_weights: bool = False
+    execution: dict = field(default_factory=lambda: {"executor": "in_process"})
+
+    def dask_config(self) -> dict | None:
+        """dagster-dask's executor config for this study's runs, or None (in-process runs).
+
+        ``$RECOVERY_DASK_SCHEDULER`` (an address) puts every study on that cluster; otherwise
+        ``execution: {executor: dask, dask: {scheduler: ADDRESS}}`` or ``{cluster: {local: {...}}}``
+        (or ``slurm``, ... : dask-jobqueue's cluster arguments) in the study file.
+        """
+        address = os.environ.get(DASK_ENV)
+        if address:
+            return {"cluster": {"existing": {"address": address}}}
+        if self.execution["executor"] != "dask":
+            return None
+        dask = self.execution.get("dask") or {}
+        if dask.get("scheduler"):
+            return {"cluster": {"existing": {"address": dask["scheduler"]}}}
+        return {"cluster": dict(dask.get("cluster") or {"local": {"n_workers": 2}})}
+
+    @property
+    def gpu_resource(self) -> bool:
+        """Whether fitting steps ask a Dask worker for one ``GPU`` resource (so each GPU runs one
+        fitting step at a time). Default: when the study's device is CUDA."""
+        dask = self.execution.get("dask") or {}
+        default = self.device.startswith("cuda")
+        return bool(dask.get("gpu_resource", default))
 
     def _folder(self, env: str, value: str | None, what: str, key: str) -> Path:
         raw = os.environ.get(env) or value
@@ -122,6 +164,28 @@ class Study:
         if os.environ.get(WEIGHTS_ENV) or self.weights_dir:
             return self._folder(WEIGHTS_ENV, self.weights_dir, "weights_dir", "weights_dir") / path
         return (self.path.parent / path).resolve()
+
+    def file_names_file(self, entry: ModelEntry) -> Path | None:
+        """The image list of a thingsvision feature file: ``file_names`` (relative to the feature
+        file's folder), else ``file_names.txt`` beside it when there is one, else None."""
+        features = self.feature_file(entry)
+        if entry.file_names:
+            path = Path(os.path.expanduser(entry.file_names))
+            return path if path.is_absolute() else features.parent / path
+        beside = features.parent / "file_names.txt"
+        if features.suffix.lower() in (".hdf5", ".h5") or beside.is_file():
+            return beside
+        return None
+
+    @property
+    def key_prefix(self) -> str:
+        """The first part of every asset key of this study (several studies share an instance)."""
+        return self.name
+
+    @property
+    def slug(self) -> str:
+        """The name as Dagster accepts it in job, group and schedule names."""
+        return re.sub(r"[^A-Za-z0-9_]", "_", self.name)
 
     @property
     def model_names(self) -> list[str]:
@@ -205,7 +269,16 @@ _MODEL_KEYS = {
         "seed",
         "options",
     },
-    "features": {"name", "source", "file", "key", "n_params", "n_params_like"},
+    "features": {
+        "name",
+        "source",
+        "file",
+        "key",
+        "n_params",
+        "n_params_like",
+        "file_names",
+        "concept_image",
+    },
 }
 
 
@@ -244,6 +317,15 @@ def _model(entry: Any, i: int, path: Path, kind: str, allow_random: bool) -> Mod
         if file is not None and not isinstance(file, str):
             raise StudyError(f"{path}: model {name!r}: file must be a path")
         key = entry.get("key")
+        file_names = entry.get("file_names")
+        if file_names is not None and not isinstance(file_names, str):
+            raise StudyError(f"{path}: model {name!r}: file_names must be a path")
+        concept_image = entry.get("concept_image", "task")
+        if concept_image not in CONCEPT_IMAGES:
+            raise StudyError(
+                f"{path}: model {name!r}: concept_image must be one of {list(CONCEPT_IMAGES)}, "
+                f"got {concept_image!r}"
+            )
         return ModelEntry(
             name=name,
             source="features",
@@ -251,6 +333,8 @@ def _model(entry: Any, i: int, path: Path, kind: str, allow_random: bool) -> Mod
             key=None if key is None else str(key),
             n_params=n_params,
             n_params_like=like,
+            file_names=file_names,
+            concept_image=concept_image,
         )
     arch = _get(entry, "arch", path, str)
     if "weights" not in entry:
@@ -352,9 +436,79 @@ def _things(doc: dict, path: Path, kind: str) -> dict:
     }
 
 
+def study_path(path: str | os.PathLike | None = None) -> Path:
+    """The study file meant by ``path``: an existing file, else the name of a shipped study
+    (``demo``, ``things`` ...); None: ``$RECOVERY_STUDY``, else the shipped demo."""
+    given = str(path or os.environ.get(STUDY_ENV) or DEFAULT_STUDY)
+    candidate = Path(os.path.expanduser(given))
+    if candidate.is_file():
+        return candidate.resolve()
+    found = shipped.find_study(given)
+    if found is not None:
+        return found
+    raise StudyError(
+        f"{candidate}: study file not found, and no shipped study is called {given!r} "
+        f"(shipped: {', '.join(shipped.study_names())}; set {STUDY_ENV} or pass --study)"
+    )
+
+
+def study_paths(value: str | None = None) -> list[Path]:
+    """The study files of ``$RECOVERY_STUDY`` (several, separated by ``os.pathsep``), or of
+    ``value``; the shipped demo when unset."""
+    raw = value if value is not None else os.environ.get(STUDY_ENV)
+    if not raw:
+        return [study_path(DEFAULT_STUDY)]
+    return [study_path(part) for part in raw.split(os.pathsep) if part.strip()]
+
+
+def _execution(doc: dict, path: Path) -> dict:
+    execution = _map(doc, "execution", path, {})
+    unknown = sorted(set(execution) - {"executor", "dask"})
+    if unknown:
+        raise StudyError(f"{path}: execution: unknown keys {unknown}; allowed: executor, dask")
+    executor = execution.get("executor", "in_process")
+    if executor not in EXECUTORS:
+        raise StudyError(
+            f"{path}: execution.executor must be one of {list(EXECUTORS)}, got {executor!r}"
+        )
+    dask = _map(execution, "dask", path, {})
+    unknown = sorted(set(dask) - {"scheduler", "cluster", "gpu_resource"})
+    if unknown:
+        raise StudyError(
+            f"{path}: execution.dask: unknown keys {unknown}; allowed: scheduler, cluster, "
+            "gpu_resource"
+        )
+    scheduler = dask.get("scheduler")
+    if scheduler is not None and not (isinstance(scheduler, str) and "://" in scheduler):
+        raise StudyError(
+            f"{path}: execution.dask.scheduler must be an address like tcp://host:8786, "
+            f"got {scheduler!r}"
+        )
+    cluster = dask.get("cluster")
+    if cluster is not None:
+        if (
+            not isinstance(cluster, dict)
+            or len(cluster) != 1
+            or next(iter(cluster)) not in DASK_CLUSTERS
+            or not isinstance(next(iter(cluster.values())) or {}, dict)
+        ):
+            raise StudyError(
+                f"{path}: execution.dask.cluster must be one of {list(DASK_CLUSTERS)} with its "
+                f"arguments, e.g. {{local: {{n_workers: 4}}}}, got {cluster!r}"
+            )
+        cluster = {k: dict(v or {}) for k, v in cluster.items()}
+    if "gpu_resource" in dask and not isinstance(dask["gpu_resource"], bool):
+        raise StudyError(f"{path}: execution.dask.gpu_resource must be true or false")
+    out_dask = {k: v for k, v in (("scheduler", scheduler), ("cluster", cluster)) if v}
+    if "gpu_resource" in dask:
+        out_dask["gpu_resource"] = dask["gpu_resource"]
+    return {"executor": executor, "dask": out_dask}
+
+
 def load_study(path: str | os.PathLike | None = None) -> Study:
-    """Load and validate a study file (default: ``$RECOVERY_STUDY`` or studies/demo.yaml)."""
-    path = Path(path or os.environ.get(STUDY_ENV) or DEFAULT_STUDY).resolve()
+    """Load and validate a study file (default: ``$RECOVERY_STUDY`` or the shipped demo); a
+    shipped study can be named instead of given by path."""
+    path = study_path(path)
     doc = _read_doc(path)
     name = _get(doc, "name", path, str)
     if not _NAME.match(name):
@@ -402,6 +556,17 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
         "n_boot": _int(regression, "n_boot", path, 10_000, minimum=1),
         "seed": _int(regression, "seed", path, 0, minimum=0),
     }
+    fit_on = gen.get("fit_on", list(FIT_SETS))
+    if (
+        not isinstance(fit_on, list)
+        or any(s not in FIT_SETS for s in fit_on)
+        or "trainset" not in fit_on
+        or len(set(fit_on)) != len(fit_on)
+    ):
+        raise StudyError(
+            f"{path}: generator.fit_on must list the human sets the generators are fitted on: "
+            f"trainset, optionally validationset (got {fit_on!r})"
+        )
     reference = str(human.get("convention_reference", "pixels"))
     if reference != "pixels" and reference not in names:
         raise StudyError(
@@ -419,6 +584,7 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
         generator_lambdas=_lambdas(gen, "lambdas", path),
         generator_cv_folds=_int(gen, "cv_folds", path, 5, minimum=2),
         generator_cv_seed=_int(gen, "cv_seed", path, 42, minimum=0),
+        generator_fit_on=tuple(fit_on),
         calibration_target=target,
         stimuli=dict(stimuli),
         human=dict(human),
@@ -432,4 +598,5 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
         features_dir=doc.get("features_dir"),
         weights_dir=doc.get("weights_dir"),
         allow_random_weights=allow_random,
+        execution=_execution(doc, path),
     )

@@ -19,16 +19,21 @@ TINY = ROOT / "studies" / "tiny.yaml"
 @dataclass
 class TinyRun:
     study_path: Path
-    data: Path  # the study's data folder (arrays, tables, recovery.duckdb)
+    parent: Path  # $RECOVERY_DATA: the parent of the studies' data folders
     home: Path  # DAGSTER_HOME of the persistent instance that recorded the runs
 
-    def env(self, home: Path | None = None, data: Path | None = None) -> dict[str, str]:
+    @property
+    def data(self) -> Path:
+        """The study's data folder (arrays, tables, recovery.duckdb): <parent>/tiny."""
+        return self.parent / "tiny"
+
+    def env(self, home: Path | None = None, parent: Path | None = None) -> dict[str, str]:
         """The environment of a subprocess (CLI, webserver) that sees this study and instance."""
         return dict(
             os.environ,
             DAGSTER_HOME=str(home or self.home),
             RECOVERY_STUDY=str(self.study_path),
-            RECOVERY_DATA=str(data or self.data),
+            RECOVERY_DATA=str(parent or self.parent),
             HF_HUB_OFFLINE="1",
         )
 
@@ -51,7 +56,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
         materialize_study(
             study, instance, echo=lambda s: None, storage_root=str(data), log_level="WARNING"
         )
-    return TinyRun(study_path=TINY, data=data, home=home)
+    return TinyRun(study_path=TINY, parent=data, home=home)
 
 
 @pytest.fixture(scope="module")

@@ -324,8 +324,8 @@ def test_fit_probe_missing_required_option(tmp_path):
 
 
 def test_sql_prints_rows(tmp_path):
-    data = tmp_path / "data"
-    store = Store(data)
+    data = tmp_path / "data"  # $RECOVERY_DATA: the parent of the study folders
+    store = Store(data / "tiny")
     store.write_table(
         "scores", pd.DataFrame({"model": ["a", "a"], "acc": [0.5, 0.75]}), {"model": "a"}
     )
@@ -356,14 +356,14 @@ def test_sql_without_database_says_to_materialize(tmp_path):
     assert res.exit_code == 2
     assert res.stdout == ""
     assert "recovery sql: error:" in res.stderr
-    assert str(data / "recovery.duckdb") in res.stderr
+    assert str(data / "tiny" / "recovery.duckdb") in res.stderr
     assert "materialize the study first" in res.stderr
     assert not data.exists()
 
 
 def test_sql_bad_query_and_missing_sql_file(tmp_path):
-    data = tmp_path / "data"
-    store = Store(data)
+    data = tmp_path / "data"  # $RECOVERY_DATA: the parent of the study folders
+    store = Store(data / "tiny")
     store.write_table("scores", pd.DataFrame({"x": [1]}))
     store.rebuild_views()
     sql = tmp_path / "bad.sql"
@@ -373,7 +373,7 @@ def test_sql_bad_query_and_missing_sql_file(tmp_path):
     res = invoke(
         ["sql", str(tmp_path / "none.sql"), "--study", str(TINY)], env={DATA_ENV: str(data)}
     )
-    assert res.exit_code == 2 and "none.sql: no such file" in res.stderr
+    assert res.exit_code == 2 and "none.sql: no such SQL file" in res.stderr
 
 
 def test_sql_bad_study(tmp_path):

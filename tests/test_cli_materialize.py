@@ -37,8 +37,8 @@ def test_cli_materialize_candidate_scores_partition(tiny_run, tmp_path):
 
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     shutil.copytree(tiny_run.home, home)
-    shutil.copytree(tiny_run.data, data)
-    table = data / "tables" / "candidate_fits" / f"model={model}" / f"n_train={n_train}"
+    shutil.copytree(tiny_run.parent, data)
+    table = data / "tiny" / "tables" / "candidate_fits" / f"model={model}" / f"n_train={n_train}"
     part = table / "part.parquet"
     assert part.is_file(), f"tiny_run did not write {part}"
     before = part.stat().st_mtime_ns
@@ -48,7 +48,7 @@ def test_cli_materialize_candidate_scores_partition(tiny_run, tmp_path):
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs_before = {r.run_id for r in instance.get_runs()}
 
-    env = tiny_run.env(home=home, data=data)
+    env = tiny_run.env(home=home, parent=data)
     cmd = [
         str(DAGSTER),
         "asset",
@@ -56,7 +56,7 @@ def test_cli_materialize_candidate_scores_partition(tiny_run, tmp_path):
         "-m",
         "recovery_assets.definitions",
         "--select",
-        "candidate_scores",
+        "tiny/candidate_scores",
         "--partition",
         str(key),
     ]
@@ -83,6 +83,6 @@ def test_cli_materialize_candidate_scores_partition(tiny_run, tmp_path):
         run = new_runs[0]
         assert run.status == dg.DagsterRunStatus.SUCCESS, run.status
         assert run.tags.get("dagster/partition") == str(key), run.tags
-        event = instance.get_latest_materialization_event(dg.AssetKey("candidate_scores"))
+        event = instance.get_latest_materialization_event(dg.AssetKey(["tiny", "candidate_scores"]))
         assert event is not None and event.run_id == run.run_id
         assert event.dagster_event.partition == str(key)

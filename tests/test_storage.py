@@ -12,7 +12,7 @@ import pytest
 
 from recovery_assets import storage
 from recovery_assets.storage import DATA_ENV, Store, data_root
-from recovery_assets.study import PACKAGE_ROOT, load_study
+from recovery_assets.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "studies" / "tiny.yaml"
@@ -299,29 +299,35 @@ def test_failed_array_write_keeps_previous_file(tmp_path, monkeypatch):
 # where the data lives
 
 
-def test_data_root_honours_env(tmp_path, monkeypatch):
+def test_data_env_is_the_parent_of_one_folder_per_study(tmp_path, monkeypatch):
     study = load_study(TINY)
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "elsewhere"))
-    assert data_root(study) == (tmp_path / "elsewhere").resolve()
+    assert data_root(study) == (tmp_path / "elsewhere" / "tiny").resolve()
+    demo = load_study("demo")
+    assert data_root(demo) == (tmp_path / "elsewhere" / "demo").resolve()
     monkeypatch.setenv(DATA_ENV, "relative/dir")
     monkeypatch.chdir(tmp_path)
-    assert data_root(study) == (tmp_path / "relative" / "dir").resolve()
+    assert data_root(study) == (tmp_path / "relative" / "dir" / "tiny").resolve()
     assert data_root(study).is_absolute()
+    # an explicit parent (the storage resource's root) comes before the environment
+    assert data_root(study, tmp_path / "p") == (tmp_path / "p" / "tiny").resolve()
 
 
 def test_data_root_default_and_study_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
     study = load_study(TINY)
-    assert data_root(study) == (PACKAGE_ROOT / "data" / "tiny").resolve()
+    # the working directory's data/ folder, not the source tree's
+    assert data_root(study) == (tmp_path / "data" / "tiny").resolve()
     text = TINY.read_text() + "\ndata_dir: results/here\n"
     (tmp_path / "s.yaml").write_text(text)
     local = load_study(tmp_path / "s.yaml")
     assert data_root(local) == (tmp_path / "results" / "here").resolve()
     (tmp_path / "t.yaml").write_text(TINY.read_text() + f"\ndata_dir: {tmp_path / 'abs'}\n")
     assert data_root(load_study(tmp_path / "t.yaml")) == (tmp_path / "abs").resolve()
-    # the environment wins over the study's data_dir
+    # a study that names its own folder keeps it whatever the parent
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
-    assert data_root(local) == (tmp_path / "env").resolve()
+    assert data_root(local) == (tmp_path / "results" / "here").resolve()
 
 
 def test_rebuild_views_under_a_folder_with_a_quote_in_its_name(tmp_path):

@@ -285,7 +285,7 @@ def test_env_var_pointing_nowhere_fails(tmp_path, monkeypatch):
 
 def test_default_is_demo_without_env(monkeypatch):
     monkeypatch.delenv(STUDY_ENV, raising=False)
-    assert DEFAULT_STUDY == DEMO
+    assert DEFAULT_STUDY == "demo"
     s = load_study()
     assert s.name == "demo" and s.path == DEMO.resolve()
 

@@ -63,9 +63,11 @@ def test_every_asset_and_partition_materialized(tiny_run, study):
     expected["candidate_scores"] = expected["synthetic_datasets"]
     with dg.DagsterInstance.from_config(str(tiny_run.home)) as instance:
         for key in ASSETS:
-            assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+            assert (
+                instance.get_latest_materialization_event(dg.AssetKey(["tiny", key])) is not None
+            ), key
             if key in expected:
-                got = instance.get_materialized_partitions(dg.AssetKey(key))
+                got = instance.get_materialized_partitions(dg.AssetKey(["tiny", key]))
                 assert got == expected[key], key
 
 
@@ -143,11 +145,11 @@ def test_plots_written(tiny_run, study):
 
 def _rematerialize(study, data: Path, selection: list[str], partition: str) -> None:
     defs = build_definitions(study)
-    resources = {**defs.resources, "storage": StorageResource(root=str(data))}
+    resources = {**defs.resources, "storage": StorageResource(root=str(data.parent))}
     with dg.instance_for_test() as instance:
         dg.materialize(
             list(defs.assets),
-            selection=selection,
+            selection=[dg.AssetKey([study.name, s]) for s in selection],
             partition_key=partition,
             instance=instance,
             resources=resources,
@@ -199,7 +201,7 @@ def test_two_concurrent_partition_runs_both_land(tiny_run, study):
                 "-m",
                 "recovery_assets.definitions",
                 "--select",
-                "synthetic_datasets,candidate_scores",
+                "tiny/synthetic_datasets,tiny/candidate_scores",
                 "--partition",
                 key,
             ],

@@ -290,7 +290,145 @@ def test_bad_input_stops_the_graph_and_writes_nothing_downstream(things_inputs, 
         ]
     error = f"{info.value} {info.value.__cause__}"
     assert message.lower() in error.lower(), error
-    assert failed == [failing_asset]  # one step failed: the asset that reads the input
-    store = Store(data)
+    # one step failed: the asset that reads the input (step keys carry the study's key prefix)
+    assert failed == [f"{study.name}__{failing_asset}"]
+    store = Store(data / study.name)
     assert not store.path("generator_probes").exists()  # nothing downstream was written
     assert not (store.path("tables") / "generator_probes").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the two published forms of the release, and a folder without images
+
+
+def _materialize(study_path: Path, data: Path):
+    study = load_study(study_path)
+    with dg.DagsterInstance.ephemeral() as instance:
+        store = materialize_study(
+            study, instance, echo=lambda s: None, storage_root=str(data), log_level="WARNING"
+        )
+    return study, store
+
+
+@pytest.fixture(scope="module")
+def release_run(things_inputs, tmp_path_factory):
+    """The same study on a folder holding only the raw release table (choice as concept index)."""
+    base = tmp_path_factory.mktemp("release")
+    made = make_things_folder(
+        base / "THINGS", triplet_form="release_table", choice_encoding="concept"
+    )
+    doc = yaml.safe_load(things_inputs["study"].read_text())
+    doc["things"]["root"] = str(made["root"])
+    path = base / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return (made, *_materialize(path, base / "data"))
+
+
+def test_the_release_table_runs_the_graph_with_the_same_judgements(things_run, release_run):
+    made, study, store = release_run
+    assert not (made["root"] / "triplets").exists()  # nothing but the table
+    human = _sql(store, "SELECT * FROM human_judgements").set_index("file")
+    files = _sql(things_run[1], "SELECT * FROM human_judgements").set_index("file")
+    assert set(human["source"]) == {"release_table"}
+    assert set(human["choice_encoding"]) == {"concept"}
+    # group 0 is the training and validation files together; the test sets are the same
+    assert human.loc["trainset", "rows"] == files.loc[["trainset", "validationset"], "rows"].sum()
+    for name in ("testset1", "testset2", "testset3"):
+        assert human.loc[name, "rows"] == files.loc[name, "rows"]
+    assert human.loc["testset2", "noise_ceiling"] == files.loc["testset2", "noise_ceiling"]
+    triplets = _sql(store, "SELECT set, count(*) AS n, count(subject_id) AS s FROM human_triplets "
+                    "GROUP BY set").set_index("set")  # fmt: skip
+    assert (triplets["n"] == triplets["s"]).all()  # every judgement keeps its subject id
+    assert triplets.loc["trainset", "n"] == human.loc["trainset", "rows"]
+    # generators are fitted on every non-test judgement, in both forms: the same count
+    gen = _sql(store, "SELECT * FROM generator_probes").set_index("model")
+    gen_files = _sql(things_run[1], "SELECT * FROM generator_probes").set_index("model")
+    assert (gen["n_human_train"] == human.loc["trainset", "rows"]).all()
+    assert (gen_files["n_human_train"] == gen["n_human_train"]).all()
+    assert set(gen_files["fit_on"]) == {"trainset+validationset"} and set(gen["fit_on"]) == {
+        "trainset"
+    }
+    curve = _sql(store, (ROOT / "sql" / "recovery_curve.sql").read_text())
+    assert (curve["n_total"] == len(study.models) * study.simulations).all()
+
+
+def test_generator_reports_test_set_2_and_cross_validated_accuracy(things_run):
+    study, store = things_run
+    gen = _sql(store, "SELECT * FROM generator_probes").set_index("model")
+    cv = _sql(store, "SELECT * FROM generator_cv")
+    for model, row in gen.iterrows():
+        mine = cv[(cv["model"] == model) & (cv["lam"] == row["lam"])]
+        assert len(mine) == study.generator_cv_folds
+        assert row["human_val_accuracy"] == pytest.approx(mine["val_acc"].mean(), abs=1e-12)
+        _, meta = store.load_arrays(store.generator_path(model), model)
+        assert row["human_test_accuracy"] == meta["testset2_accuracy"]
+        assert row["human_test_nll"] == meta["testset2_nll"]
+        assert "validationset_accuracy" not in meta  # fitted on it, so not reported as held out
+
+
+@pytest.fixture(scope="module")
+def features_only_run(things_inputs, tmp_path_factory):
+    """triplet_dataset/ form, no images at all, every model from features (one a thingsvision
+    output with three images per concept), a model as the convention reference."""
+    import shutil
+
+    from recovery_assets.sources.thingsvision import write_thingsvision_features
+
+    base = tmp_path_factory.mktemp("features_only")
+    made = make_things_folder(base / "THINGS", triplet_form="triplet_dataset")
+    shutil.rmtree(made["image_dir"])
+    ids, b = made["ids"], things_inputs["b"]
+    rng = np.random.default_rng(0)
+    names, rows = [], []
+    for i in rng.permutation(len(ids)):  # thingsvision's order is not the concept order
+        uid = ids[i]
+        for suffix, row in (("02s", rng.normal(size=b.shape[1])), ("01b", b[i])):
+            names.append(f"images/{uid}/{uid}_{suffix}.jpg")
+            rows.append(row)
+    tv = base / "thingsvision" / "net_b"
+    write_thingsvision_features(tv, np.asarray(rows, dtype=np.float32), names)
+    doc = yaml.safe_load(things_inputs["study"].read_text())
+    doc["name"] = "things_features"
+    doc["things"]["root"] = str(made["root"])
+    noisy = things_inputs["a"] + rng.normal(scale=0.5, size=things_inputs["a"].shape)
+    np.save(base / "net_d.npy", noisy.astype(np.float32))
+    doc["models"] = [
+        doc["models"][0],
+        {"name": "net_b", "source": "features", "file": str(tv / "features.npy"), "n_params": 7},
+        {"name": "net_d", "source": "features", "file": str(base / "net_d.npy"), "n_params": 9},
+    ]
+    doc["human"]["convention_reference"] = "net_a"
+    path = base / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return (made, *_materialize(path, base / "data"))
+
+
+def test_a_folder_without_images_runs_a_features_only_study(things_inputs, features_only_run):
+    made, study, store = features_only_run
+    assert not (made["root"] / "images").exists()
+    assert (made["root"] / "triplet_dataset" / "trainset.txt").is_file()
+    stimuli = _sql(store, "SELECT * FROM stimuli ORDER BY concept")
+    assert stimuli["uniqueID"].tolist() == made["ids"] and set(stimuli["image"]) == {""}
+    assert not store.path("stimuli", "images.npy").exists()
+    # the thingsvision rows were mapped to concepts by file name, the task ('b') image taken
+    arrays, meta = store.load_arrays(store.embedding_path("net_b"), "net_b")
+    np.testing.assert_array_equal(arrays["features"], things_inputs["b"])
+    assert meta["format"] == "thingsvision-npy" and meta["n_images"] == 2 * len(made["ids"])
+    human = _sql(store, "SELECT * FROM human_judgements").set_index("file")
+    assert human.loc["trainset", "path"].endswith("triplet_dataset/trainset.txt")
+    curve = _sql(store, "SELECT * FROM recovery_summary WHERE criterion = 'accuracy'")
+    assert sorted(curve["n_train"]) == list(study.sizes)
+    # validate-things agrees: usable without images when features decide the convention
+    res = _run_cli(
+        "validate-things",
+        str(made["root"]),
+        "--features",
+        str(things_inputs["base"] / "features" / "net_a.parquet"),
+    )
+    report = json.loads(res.stdout)
+    assert res.returncode == 0 and report["usable"], report["problems"]
+    assert report["images"] is None and any("no image folder" in n for n in report["notes"])
+    # without features the pixel reference needs the images: not usable, and it says why
+    res = _run_cli("validate-things", str(made["root"]))
+    assert res.returncode == 2
+    assert any("no image folder" in p for p in json.loads(res.stdout)["problems"])

@@ -65,7 +65,11 @@ def test_other_experiments_extend_the_main_one(file):
     assert (s.spec.family, s.spec.penalty, s.spec.k) == (family, penalty, k)
     assert s.sizes == sizes and s.simulations == sims and len(s.models) == n_models
     assert s.model_names[:20] == PAPER_MODELS  # the base's models, in the paper's order
-    assert s.candidate_lambdas == pytest.approx(DECADES(-6, 4))
+    # the L1 experiment has its own candidate grid (1e-5 ... 1e2, 8 values)
+    grid = DECADES(-5, 2) if penalty == "l1" else DECADES(-6, 4)
+    assert s.candidate_lambdas == pytest.approx(grid)
+    assert len(s.candidate_lambdas) == (8 if penalty == "l1" else 11)
+    assert s.generator_fit_on == ("trainset", "validationset")
 
 
 @pytest.mark.parametrize("file", ["things.yaml", "things_30models.yaml"])
@@ -214,7 +218,8 @@ def test_definitions_build_without_the_data(file, monkeypatch):
     study = load_study(STUDIES / file)
     repo = build_definitions(study).get_repository_def()
     jobs = {job.name for job in repo.get_all_jobs()}
-    assert {"embeddings_job", "human_job", "recovery_jobs_job"} <= jobs
-    keys = repo.get_job("recovery_jobs_job").partitions_def.get_partition_keys()
+    prefix = f"{study.slug}__"
+    assert {prefix + j for j in ("embeddings_job", "human_job", "recovery_jobs_job")} <= jobs
+    keys = repo.get_job(prefix + "recovery_jobs_job").partitions_def.get_partition_keys()
     assert len(keys) == len(study.models) * len(study.sizes)
     assert f"{study.model_names[0]}|{study.sizes[0]}" in keys

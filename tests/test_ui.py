@@ -220,9 +220,12 @@ def test_graphql_assets_partitions_and_materializations(webserver, tiny_run):
     models = list(study.model_names)
     sizes = [str(n) for n in study.sizes]
 
-    nodes = {
-        "/".join(n["assetKey"]["path"]): n for n in webserver.graphql(ASSETS_QUERY)["assetNodes"]
-    }
+    # every key carries the study's name as its prefix (several studies share an instance)
+    nodes = {}
+    for n in webserver.graphql(ASSETS_QUERY)["assetNodes"]:
+        prefix, *rest = n["assetKey"]["path"]
+        assert prefix == study.name, n["assetKey"]
+        nodes["/".join(rest)] = n
     missing = sorted(set(ALL_ASSETS) - set(nodes))
     assert not missing, f"assets missing from the code location: {missing}; have {sorted(nodes)}"
 
@@ -250,7 +253,8 @@ def test_graphql_assets_partitions_and_materializations(webserver, tiny_run):
 
     # the latest materialization of every recovery_matrix partition, from a successful run
     data = webserver.graphql(
-        LATEST_BY_PARTITION_QUERY, {"key": {"path": ["recovery_matrix"]}, "partitions": sizes}
+        LATEST_BY_PARTITION_QUERY,
+        {"key": {"path": [study.name, "recovery_matrix"]}, "partitions": sizes},
     )["assetNodeOrError"]
     assert data["__typename"] == "AssetNode", data
     latest = data["latestMaterializationByPartition"]

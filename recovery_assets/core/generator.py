@@ -17,13 +17,19 @@ import torch
 from sklearn.model_selection import KFold
 
 from recovery_assets.core.calibration import calibrate_temperature, mean_max_probability
-from recovery_assets.core.probe import FitProblem, FittedProbe, ProbeSpec, fit_probes
+from recovery_assets.core.probe import (
+    FitProblem,
+    FittedProbe,
+    ProbeSpec,
+    features_for,
+    fit_probes,
+)
 from recovery_assets.core.scoring import evaluate_fits
 
 
 @dataclass
 class GeneratorProbe:
-    W: np.ndarray  # the full transform (Z = X W^T), float32
+    W: np.ndarray  # the full transform (Z = X W^T; pca:k: of the centred X, features_for), float32
     lam: float
     temperature: float
     target: float
@@ -64,7 +70,8 @@ def fit_generator_probe(
 
     ``train`` = (triplets, answers) with answers as odd-one-out positions; ``calibration`` is the
     calibration triplet array (test set 2); ``evaluation`` maps names to (triplets, answers) sets
-    on which accuracy and NLL (at the calibrated T) are reported.
+    on which accuracy and NLL (at the calibrated T) are reported. ``metrics["cv_accuracy"]`` is the
+    mean cross-validated accuracy of the chosen lambda (None without a lambda search).
     """
     trip, ans = (np.asarray(a) for a in train)
     lam_grid = [float(x) for x in lams] if spec.fitted else [0.0]
@@ -83,19 +90,23 @@ def fit_generator_probe(
         cv = pd.DataFrame(cv_rows)
         mean = cv.groupby("lam")["val_acc"].mean()
         best = float(mean.index[np.flatnonzero(mean.to_numpy() >= mean.max() - 1e-12)[0]])
+        cv_accuracy = float(mean.loc[best])
     else:
         cv = pd.DataFrame(columns=["lam", "fold", "val_acc", "val_nll"])
         best = lam_grid[0]
+        cv_accuracy = None
     if log:
         log(f"refitting on all {len(trip)} training triplets at lambda={best:g}")
     fit = fit_probes(
         [FitProblem(X, trip, ans, [best])], spec, device=device, dtype=dtype, max_iter=max_iter
     )[0][0]
     W = fit.matrix()
-    Z = np.asarray(X, dtype=np.float64) @ W.T.astype(np.float64)
+    Z = features_for(spec, np.asarray(X, dtype=np.float64)) @ W.T.astype(np.float64)
     calib_logits = triplet_logits(Z, calibration)
     T = calibrate_temperature(calib_logits, target)
     metrics = {
+        "n_train_triplets": int(len(trip)),
+        "cv_accuracy": cv_accuracy,
         "calibrated_mean_max_probability": mean_max_probability(calib_logits, T),
         "train_objective": fit.objective,
         "iterations": fit.iterations,

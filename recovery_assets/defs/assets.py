@@ -1,6 +1,7 @@
 """The study as software-defined assets. Each asset calls one step of ``recovery_assets.pipeline``
 (which calls the core), writes files and tables through the store, and reports metadata/checks."""
 
+import json
 import warnings
 
 import dagster as dg
@@ -13,10 +14,12 @@ from recovery_assets.defs.partitions import (
     size_partitions,
     split_job_key,
 )
-from recovery_assets.defs.resources import DeviceResource, StorageResource, StudyResource
+from recovery_assets.defs.resources import DeviceResource, StorageResource
 from recovery_assets.study import Study
 
 GPU_POOL = "gpu"
+# dagster-dask reads a step's Dask resource requirements from this op tag (a JSON object).
+DASK_RESOURCES = "dagster-dask/resource_requirements"
 with warnings.catch_warnings():  # the mapping is marked beta in 1.13; it is what we need here
     warnings.simplefilter("ignore", dg.BetaWarning)
     BY_MODEL = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
@@ -47,30 +50,57 @@ def _check(name: str, passed, metadata: dict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=_plain(metadata))
 
 
-def build_assets(study: Study) -> list[dg.AssetsDefinition]:
-    models, sizes, jobs = model_partitions(study), size_partitions(study), job_partitions(study)
+def gpu_step(study: Study, on_dask: bool) -> dict:
+    """How a step that needs the accelerator (feature extraction, probe fitting) is bounded.
 
-    @dg.asset(group_name="inputs", kinds={"numpy", "parquet"})
+    In one process: the instance's ``gpu`` pool (its limit is the number of GPUs). On Dask: the
+    workers' resources instead (a pool would serialize the cluster): with ``gpu_resource`` the
+    step asks its worker for one ``GPU``, so each GPU runs one such step at a time while CPU-only
+    steps go to any worker.
+    """
+    if not on_dask:
+        return {"pool": GPU_POOL}
+    if study.gpu_resource:
+        return {"op_tags": {DASK_RESOURCES: json.dumps({"GPU": 1})}}
+    return {}
+
+
+def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinition]:
+    models, sizes, jobs = model_partitions(study), size_partitions(study), job_partitions(study)
+    gpu = gpu_step(study, on_dask)
+    prefix = study.key_prefix
+
+    def group(name: str) -> str:
+        return f"{study.slug}_{name}"
+
+    def key(name: str) -> dg.AssetKey:
+        return dg.AssetKey([prefix, name])
+
+    @dg.asset(group_name=group("inputs"), key_prefix=prefix, kinds={"numpy", "parquet"})
     def stimuli(
-        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+        context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
         """The concept table in index order and the stimulus images (demo crops or THINGS)."""
-        store = storage.store(study.study)
-        return _finish(store, pipeline.build_stimuli(study.study, store, context.log.info))
+        store = storage.store(study)
+        return _finish(store, pipeline.build_stimuli(study, store, context.log.info))
 
     @dg.asset(
-        group_name="inputs", partitions_def=models, deps=[stimuli], pool=GPU_POOL, kinds={"torch"}
+        group_name=group("inputs"),
+        key_prefix=prefix,
+        partitions_def=models,
+        deps=[stimuli],
+        **gpu,
+        kinds={"torch"},
     )
     def embeddings(
         context: dg.AssetExecutionContext,
-        study: StudyResource,
         storage: StorageResource,
         device: DeviceResource,
     ) -> dg.MaterializeResult:
         """n x p features of one model (timm network or precomputed file), parameters and p."""
-        store = storage.store(study.study)
+        store = storage.store(study)
         row = pipeline.build_embeddings(
-            study.study, store, context.partition_key, device.torch_device, context.log.info
+            study, store, context.partition_key, device.torch_device(study), context.log.info
         )
         return _finish(store, row)
 
@@ -78,40 +108,50 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
     human_deps = [stimuli] if study.convention_reference == "pixels" else [stimuli, embeddings]
 
     @dg.asset(
-        group_name="inputs",
+        group_name=group("inputs"),
+        key_prefix=prefix,
         deps=human_deps,
-        check_specs=[dg.AssetCheckSpec("convention_unambiguous", asset="human_judgements")],
+        check_specs=[dg.AssetCheckSpec("convention_unambiguous", asset=key("human_judgements"))],
     )
     def human_judgements(
-        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+        context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Triplets, answers, splits, noise ceiling, detected convention and checksums."""
-        store = storage.store(study.study)
-        info = pipeline.build_human(study.study, store, context.log.info)
+        store = storage.store(study)
+        info = pipeline.build_human(study, store, context.log.info)
         check = _check(
             "convention_unambiguous", info["unambiguous"], {"detection": info["detection"]}
         )
-        keys = ("convention", "noise_ceiling", "rows", "observer_temperature")
+        keys = (
+            "source",
+            "choice_encoding",
+            "convention",
+            "noise_ceiling",
+            "rows",
+            "observer_temperature",
+        )
         meta = {k: info[k] for k in keys if k in info}
         return _finish(store, meta, [check])
 
     @dg.asset(
-        group_name="generators",
+        group_name=group("generators"),
+        key_prefix=prefix,
         partitions_def=models,
         deps=[embeddings, human_judgements],
-        pool=GPU_POOL,
-        check_specs=[dg.AssetCheckSpec("calibrated_to_noise_ceiling", asset="generator_probes")],
+        **gpu,
+        check_specs=[
+            dg.AssetCheckSpec("calibrated_to_noise_ceiling", asset=key("generator_probes"))
+        ],
     )
     def generator_probes(
         context: dg.AssetExecutionContext,
-        study: StudyResource,
         storage: StorageResource,
         device: DeviceResource,
     ) -> dg.MaterializeResult:
         """W (CV-chosen lambda), calibrated T, human test accuracy and NLL of one model."""
-        store = storage.store(study.study)
+        store = storage.store(study)
         row = pipeline.build_generator(
-            study.study, store, context.partition_key, device.torch_device, context.log.info
+            study, store, context.partition_key, device.torch_device(study), context.log.info
         )
         gap = abs(row["calibrated_mean_max_probability"] - row["target"])
         check = _check(
@@ -122,7 +162,8 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
         return _finish(store, row, [check])
 
     @dg.asset(
-        group_name="recovery",
+        group_name=group("recovery"),
+        key_prefix=prefix,
         partitions_def=jobs,
         deps=[
             dg.AssetDep(generator_probes, partition_mapping=BY_MODEL),
@@ -130,53 +171,54 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
             human_judgements,
         ],
         check_specs=[
-            dg.AssetCheckSpec("self_agreement_in_99_interval", asset="synthetic_datasets")
+            dg.AssetCheckSpec("self_agreement_in_99_interval", asset=key("synthetic_datasets"))
         ],
     )
     def synthetic_datasets(
-        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+        context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
         """All simulations x 3 folds of synthetic triplets and answers of generator `model`."""
-        store = storage.store(study.study)
+        store = storage.store(study)
         model, n_train = split_job_key(context.partition_key)
-        info = pipeline.build_synthetic(study.study, store, model, n_train, context.log.info)
+        info = pipeline.build_synthetic(study, store, model, n_train, context.log.info)
         check = _check("self_agreement_in_99_interval", bool(abs(info["z"]) <= 2.576), info)
         return _finish(store, info, [check])
 
     @dg.asset(
-        group_name="recovery",
+        group_name=group("recovery"),
+        key_prefix=prefix,
         partitions_def=jobs,
         deps=[
             synthetic_datasets,
             dg.AssetDep(embeddings, partition_mapping=dg.AllPartitionMapping()),
         ],
-        pool=GPU_POOL,
+        **gpu,
     )
     def candidate_scores(
         context: dg.AssetExecutionContext,
-        study: StudyResource,
         storage: StorageResource,
         device: DeviceResource,
     ) -> dg.MaterializeResult:
         """Every candidate x lambda x fold x simulation; selected lambda, score, rank, winner."""
-        store = storage.store(study.study)
+        store = storage.store(study)
         model, n_train = split_job_key(context.partition_key)
         info = pipeline.build_scores(
-            study.study, store, model, n_train, device.torch_device, context.log.info
+            study, store, model, n_train, device.torch_device(study), context.log.info
         )
         return _finish(store, info)
 
     @dg.asset(
-        group_name="recovery",
+        group_name=group("recovery"),
+        key_prefix=prefix,
         partitions_def=sizes,
         deps=[dg.AssetDep(candidate_scores, partition_mapping=BY_SIZE)],
-        check_specs=[dg.AssetCheckSpec("rows_sum_to_simulations", asset="recovery_matrix")],
+        check_specs=[dg.AssetCheckSpec("rows_sum_to_simulations", asset=key("recovery_matrix"))],
     )
     def recovery_matrix(
-        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+        context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Confusion counts, recovery accuracy with 95% CI, ranks, MRR, precision/recall."""
-        s = study.study
+        s = study
         store = storage.store(s)
         n_train = int(context.partition_key)
         res = pipeline.build_recovery(s, store, n_train)
@@ -203,19 +245,21 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
         }
         return _finish(store, meta, [check])
 
-    @dg.asset(group_name="summary", deps=[embeddings, generator_probes])
+    @dg.asset(group_name=group("summary"), key_prefix=prefix, deps=[embeddings, generator_probes])
     def model_properties(
-        context: dg.AssetExecutionContext, study: StudyResource, storage: StorageResource
+        context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
         """Params, dimension, effective dimensionality before/after, alignment-induced shift."""
-        store = storage.store(study.study)
-        df = pipeline.build_properties(study.study, store, context.log.info)
+        store = storage.store(study)
+        df = pipeline.build_properties(study, store, context.log.info)
         return _finish(store, {"table": dg.MetadataValue.md(df.to_markdown(index=False))})
 
-    @dg.asset(group_name="summary", deps=[recovery_matrix, generator_probes])
-    def recovery_curve(study: StudyResource, storage: StorageResource) -> dg.MaterializeResult:
+    @dg.asset(
+        group_name=group("summary"), key_prefix=prefix, deps=[recovery_matrix, generator_probes]
+    )
+    def recovery_curve(storage: StorageResource) -> dg.MaterializeResult:
         """Recovery accuracy vs training size (plot and table); human accuracy vs recovery."""
-        s = study.study
+        s = study
         store = storage.store(s)
         summary = store.read_table("recovery_summary")
         curve = plots.recovery_curve(summary, store.plot_path("recovery_curve.png"))
@@ -237,13 +281,13 @@ def build_assets(study: Study) -> list[dg.AssetsDefinition]:
         }
         return _finish(store, meta)
 
-    @dg.asset(group_name="summary", deps=[candidate_scores, model_properties])
-    def misidentification_regression(
-        study: StudyResource, storage: StorageResource
-    ) -> dg.MaterializeResult:
+    @dg.asset(
+        group_name=group("summary"), key_prefix=prefix, deps=[candidate_scores, model_properties]
+    )
+    def misidentification_regression(storage: StorageResource) -> dg.MaterializeResult:
         """§8 coefficients, bootstrap CIs, Bonferroni p values and VIFs at the largest N."""
-        store = storage.store(study.study)
-        coefs, meta = pipeline.build_regression(study.study, store)
+        store = storage.store(study)
+        coefs, meta = pipeline.build_regression(study, store)
         cols = ["term", "coef", "ci_low", "ci_high", "p_bonferroni", "vif"]
         return _finish(
             store,

@@ -18,13 +18,36 @@ STAGES = (
 )
 
 
-def build_jobs(study: Study) -> dict:
+def job_name(study: Study, stage: str) -> str:
+    """A stage's job name in a code location that may hold several studies."""
+    return f"{study.slug}__{stage}"
+
+
+def asset_keys(study: Study, names: list[str]) -> list[dg.AssetKey]:
+    return [dg.AssetKey([study.key_prefix, n]) for n in names]
+
+
+def build_executor(study: Study, dask: dict | None = None) -> dg.ExecutorDefinition:
+    """The executor of the study's runs: in one process, or dagster-dask's with ``dask`` (its
+    config: ``{"cluster": {"existing": {"address": ...}}}``, ``{"cluster": {"local": {...}}}``
+    ...), by default the study's own (``Study.dask_config``)."""
+    config = dask or study.dask_config()
+    if config is None:
+        return dg.in_process_executor
+    from dagster_dask import dask_executor
+
+    return dask_executor.configured(config, name="dask")
+
+
+def build_jobs(study: Study, executor: dg.ExecutorDefinition | None = None) -> dict:
+    """The study's stage jobs, by stage name (the job itself is named ``<study>__<stage>``)."""
     jobs = {}
     for name, keys, _ in STAGES:
         jobs[name] = dg.define_asset_job(
-            name,
-            selection=dg.AssetSelection.assets(*keys),
-            executor_def=dg.in_process_executor,
+            job_name(study, name),
+            selection=dg.AssetSelection.assets(*asset_keys(study, keys)),
+            executor_def=executor or dg.in_process_executor,
+            tags={"study": study.name},
             description=f"study {study.name}: materialize {', '.join(keys)}",
         )
     return jobs
@@ -32,8 +55,9 @@ def build_jobs(study: Study) -> dict:
 
 def missing_job_partitions(instance: dg.DagsterInstance, study: Study) -> list[str]:
     """(model, N) keys whose candidate scores are missing but whose generator probe exists."""
-    done = instance.get_materialized_partitions(dg.AssetKey("candidate_scores"))
-    ready = instance.get_materialized_partitions(dg.AssetKey("generator_probes"))
+    scores, probes = asset_keys(study, ["candidate_scores", "generator_probes"])
+    done = instance.get_materialized_partitions(scores)
+    ready = instance.get_materialized_partitions(probes)
     keys = []
     for n in study.sizes:
         for m in study.model_names:
@@ -51,7 +75,7 @@ def build_schedule(study: Study, job) -> dg.ScheduleDefinition:
     partitions = job_partitions(study)
 
     @dg.schedule(
-        name="catch_up_recovery_jobs",
+        name=job_name(study, "catch_up_recovery_jobs"),
         cron_schedule="*/15 * * * *",
         job=job,
         default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -62,7 +86,9 @@ def build_schedule(study: Study, job) -> dg.ScheduleDefinition:
             return dg.SkipReason("every (model, N) partition with a generator probe is done")
         return [
             dg.RunRequest(
-                run_key=f"{key}", partition_key=partitions.get_partition_key_from_str(key)
+                run_key=f"{key}",
+                partition_key=partitions.get_partition_key_from_str(key),
+                tags={"study": study.name},
             )
             for key in missing
         ]

@@ -1,45 +1,30 @@
-"""Resources: the study, the torch device and the storage location."""
+"""Resources shared by every study of a code location: the torch device and the data folder."""
 
 from __future__ import annotations
-
-from functools import cached_property
 
 import dagster as dg
 import torch
 
 from recovery_assets.core.probe import resolve_device
 from recovery_assets.storage import Store, data_root
-from recovery_assets.study import Study, load_study
-
-
-class StudyResource(dg.ConfigurableResource):
-    """The study file (default: $RECOVERY_STUDY, else studies/demo.yaml)."""
-
-    path: str | None = None
-
-    @cached_property
-    def study(self) -> Study:
-        return load_study(self.path)
+from recovery_assets.study import Study
 
 
 class DeviceResource(dg.ConfigurableResource):
-    """The torch device for feature extraction and probe fitting: auto = CUDA when available."""
+    """The torch device for feature extraction and probe fitting. Unset: each study's own
+    ``device`` setting; ``auto`` = CUDA when available."""
 
-    device: str = "auto"
+    device: str | None = None
 
-    @cached_property
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    @cached_property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
+    def torch_device(self, study: Study) -> torch.device:
+        return resolve_device(self.device or study.device)
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where arrays, tables and the DuckDB views go (default: $RECOVERY_DATA or data/<study>)."""
+    """The parent of the studies' data folders (default: $RECOVERY_DATA, else ./data); each study
+    writes to ``<root>/<study name>`` (or its own ``data_dir``)."""
 
     root: str | None = None
 
     def store(self, study: Study) -> Store:
-        return Store(self.root or data_root(study))
+        return Store(data_root(study, self.root))

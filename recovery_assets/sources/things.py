@@ -711,7 +711,10 @@ def validate_things(
          "convention", "noise_ceiling": {"testset1", "testset2", "testset3"},
          "reference": "pixels" | "features" | None,
          "source": "files" | "release_table" | None, "choice_encoding", "choice_detection",
-         "release_table", "unread", "problems": [str, ...]}
+         "release_table", "unread", "problems": [str, ...], "notes": [str, ...]}
+
+    With features as the reference, a folder without an image folder is usable (a note says so):
+    a study whose models all come from precomputed features reads no image.
 
     ``files[name]["convention"]`` is the detected decision (``"pair_pair_odd"``,
     ``"odd_pair_pair"`` or ``"ambiguous"``) or None when not checked; ``"detection"`` is the
@@ -745,6 +748,7 @@ def validate_things(
         "release_table": None,
         "unread": [],
         "problems": problems,
+        "notes": [],
     }
     if not base.is_dir():
         problems.append(f"{base}: no such folder")
@@ -769,10 +773,19 @@ def validate_things(
     paths: list[Path | None] | None = None
     if table is not None:
         ids = table["uniqueID"].tolist()
+        with_features = reference is not None and not isinstance(reference, str)
         try:
             paths, info = find_images(base, ids, images=images, layout=layout)
         except ThingsDataError as exc:
-            problems.append(str(exc))
+            if with_features and images is None:
+                # features decide the convention: a folder without the (licensed) images can
+                # still run a study whose models all come from precomputed features
+                report["notes"].append(
+                    f"{exc}: fine for a study whose models all have precomputed features; "
+                    "timm models and the pixel reference need the images"
+                )
+            else:
+                problems.append(str(exc))
         else:
             report["images"] = {k: info[k] for k in ("dir", "layout", "n_found", "n_missing")}
             report["images"]["missing"] = info["missing"]
