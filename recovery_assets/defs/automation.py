@@ -34,9 +34,9 @@ def build_executor(study: Study, dask: dict | None = None) -> dg.ExecutorDefinit
     config = dask or study.dask_config()
     if config is None:
         return dg.in_process_executor
-    from dagster_dask import dask_executor
+    from recovery_assets.defs.dask import run_scoped_dask_executor
 
-    return dask_executor.configured(config, name="dask")
+    return run_scoped_dask_executor.configured(config, name="dask")
 
 
 def build_jobs(study: Study, executor: dg.ExecutorDefinition | None = None) -> dict:
