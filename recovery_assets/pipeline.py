@@ -6,7 +6,7 @@ returns a small summary (metadata for the orchestration layer, values for its ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,12 @@ from recovery_assets.core.generator import fit_generator_probe, triplet_logits
 from recovery_assets.core.probe import features_for
 from recovery_assets.core.recovery import recovery_metrics, select_and_score
 from recovery_assets.core.scoring import score_candidates
-from recovery_assets.core.simulation import synthetic_job
+from recovery_assets.core.simulation import (
+    AnswerStats,
+    GeneratorLogits,
+    array_sha256,
+    iter_synthetic_job,
+)
 from recovery_assets.core.triplets import human_rows_to_positions, triplet_keys
 from recovery_assets.storage import Store
 from recovery_assets.study import Study
@@ -386,38 +391,68 @@ def load_generator(store: Store, model: str) -> tuple[np.ndarray, float]:
 
 # ----------------------------------------------------------------------------- synthetic data
 SPLITS = ("train", "val", "test")
+RECIPE_FORMAT = "synthetic-recipe/1"
+
+
+class SyntheticDataMismatch(ValueError):
+    """Regenerated synthetic data differ from what ``synthetic_datasets`` recorded."""
+
+
+def _job_name(model: str, n_train: int) -> str:
+    return f"synthetic_datasets[{model}|{n_train}]"
+
+
+def _synthetic_generator(
+    study: Study, store: Store, model: str
+) -> tuple[GeneratorLogits, float, np.ndarray, dict]:
+    """What a job's data are drawn from: the generator's logits and T, the sorted distinct keys of
+    every human triplet (the exclusion set), and the identity (checksums) of those inputs."""
+    X = load_features(store, model)
+    W, T = load_generator(store, model)
+    rows, _ = load_human(store)
+    n = int(X.shape[0])
+    parts = [np.empty(0, np.int64)] + [triplet_keys(r, n) for r in rows.values()]
+    keys = np.sort(np.concatenate(parts))
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if keys.size else keys  # sorted, distinct
+    identity = {
+        "generator_W_sha256": array_sha256(W),
+        "generator_temperature": float(T),
+        "features_sha256": array_sha256(X),
+        "features_centred": bool(study.spec.family == "pca"),
+        "human_exclusion_sha256": array_sha256(keys, "<i8"),
+        "n_human_exclusion": int(keys.size),
+        "n_concepts": n,
+    }
+    logits = GeneratorLogits(features_for(study.spec, X.astype(np.float64)), W)
+    return logits, float(T), keys, identity
 
 
 def build_synthetic(study: Study, store: Store, model: str, n_train: int, log: Log) -> dict:
-    X = load_features(store, model)
-    W, T = load_generator(store, model)
-    Z = features_for(study.spec, X.astype(np.float64)) @ W.T.astype(np.float64)
-    rows, _ = load_human(store)
-    n = X.shape[0]
-    exclude = np.concatenate([triplet_keys(r, n) for r in rows.values()])
+    """The recipe of one job's synthetic data (docs/method.md §6), not its rows.
+
+    Every simulation x fold x split is drawn (``iter_synthetic_job``, one fold in memory at a
+    time) and recorded by its size and checksums; ``synthetic/<model>/n<N>.npz`` keeps the recipe:
+    the concept folds (``s<s>_f<f>_<split>_concepts``, int16), per (simulation, fold, split) the row
+    count and the SHA-256 of the triplets (int64) and answers (int8) (``split_*`` arrays), and in
+    its metadata the identity of the inputs (the generator's W, T and features, the human
+    exclusion set). ``load_synthetic`` regenerates the rows from it and checks them. The table
+    ``synthetic_datasets`` has one row per (simulation, fold, split) with the counts, the
+    self-agreement with the generator's argmax, its expectation and the two checksums.
+    """
+    logits, T, exclude, identity = _synthetic_generator(study, store, model)
+    n = identity["n_concepts"]
+    ctype = np.int16 if n <= np.iinfo(np.int16).max + 1 else np.int32
     arrays: dict[str, np.ndarray] = {}
     table = []
-    agree = expect = var = 0.0
+    total = AnswerStats()
     for s in range(study.simulations):
-        folds = synthetic_job(
-            n, n_train, s, lambda t: triplet_logits(Z, t), T, exclude, generator=model
-        )
-        for fold in folds:
+        for fold in iter_synthetic_job(n, n_train, s, logits, T, exclude, generator=model):
             f = fold["fold"]
             for c in SPLITS:
-                arrays[f"s{s}_f{f}_{c}_concepts"] = fold["concepts"][c]
+                arrays[f"s{s}_f{f}_{c}_concepts"] = fold["concepts"][c].astype(ctype)
             for split in SPLITS:
-                t, a = fold[split]["triplets"], fold[split]["answers"]
-                arrays[f"s{s}_f{f}_{split}_triplets"] = t
-                arrays[f"s{s}_f{f}_{split}_answers"] = a
-                logits = triplet_logits(Z, t) / T
-                p = np.exp(logits - logits.max(1, keepdims=True))
-                p /= p.sum(1, keepdims=True)
-                pmax = p.max(1)
-                hit = (a == logits.argmax(1)).astype(float)
-                agree += hit.sum()
-                expect += pmax.sum()
-                var += (pmax * (1 - pmax)).sum()
+                t, a, st = (fold[split][k] for k in ("triplets", "answers", "stats"))
+                total = total.add(st)
                 table.append(
                     dict(
                         model=model,
@@ -426,56 +461,150 @@ def build_synthetic(study: Study, store: Store, model: str, n_train: int, log: L
                         fold=f,
                         split=split,
                         n_triplets=len(t),
-                        self_agreement=float(hit.mean()),
-                        expected_agreement=float(pmax.mean()),
+                        self_agreement=st.hits / st.n,
+                        expected_agreement=st.expected / st.n,
+                        triplets_sha256=array_sha256(t, "<i8"),
+                        answers_sha256=array_sha256(a, "i1"),
+                        n_exact=st.n_exact,
                     )
                 )
-        log(f"simulation {s + 1}/{study.simulations}: 3 folds drawn")
-    store.save_arrays(
-        store.synthetic_path(model, n_train),
-        arrays,
-        meta={"model": model, "n_train": n_train, "simulations": study.simulations},
-    )
+        log(f"simulation {s + 1}/{study.simulations}: 3 folds drawn and checksummed")
+    df = pd.DataFrame(table)
+    arrays["split_simulation"] = df["simulation"].to_numpy(np.int32)
+    arrays["split_fold"] = df["fold"].to_numpy(np.int32)
+    arrays["split_name"] = df["split"].to_numpy().astype("U5")
+    arrays["split_n_triplets"] = df["n_triplets"].to_numpy(np.int64)
+    arrays["split_triplets_sha256"] = df["triplets_sha256"].to_numpy().astype("U64")
+    arrays["split_answers_sha256"] = df["answers_sha256"].to_numpy().astype("U64")
+    arrays["split_n_exact"] = df["n_exact"].to_numpy(np.int64)
+    meta = {
+        "format": RECIPE_FORMAT,
+        "model": model,
+        "n_train": n_train,
+        "simulations": study.simulations,
+        **identity,
+    }
+    path = store.save_arrays(store.synthetic_path(model, n_train), arrays, meta=meta)
     store.write_table(
-        "synthetic_datasets", pd.DataFrame(table), {"model": model, "n_train": n_train}
+        "synthetic_datasets", df.drop(columns="n_exact"), {"model": model, "n_train": n_train}
     )
-    z = (agree - expect) / np.sqrt(max(var, 1e-12))
+    z = (total.hits - total.expected) / np.sqrt(max(total.variance, 1e-12))
     return {
-        "self_agreement": agree / sum(r["n_triplets"] for r in table),
-        "expected_agreement": expect / sum(r["n_triplets"] for r in table),
+        "self_agreement": total.hits / total.n,
+        "expected_agreement": total.expected / total.n,
         "z": float(z),
-        "n_answers": int(sum(r["n_triplets"] for r in table)),
+        "n_answers": int(total.n),
+        "n_answers_decided_exactly": int(total.n_exact),
+        "recipe_bytes": int(path.stat().st_size),
     }
 
 
-def load_synthetic(store: Store, model: str, n_train: int, simulations: int) -> list[list[dict]]:
-    arrays, _ = store.load_arrays(
-        store.synthetic_path(model, n_train), f"synthetic_datasets[{model}, N={n_train}]"
-    )
-    sims = []
-    for s in range(simulations):
+def load_synthetic(
+    study: Study,
+    store: Store,
+    model: str,
+    n_train: int,
+    simulations: int | Sequence[int] | None = None,
+) -> list[list[dict]]:
+    """Regenerate a job's synthetic data from the recipe ``build_synthetic`` stored, and verify it.
+
+    The inputs are checked first (the generator's W, T and features, the human exclusion set must
+    have the recorded checksums), then every fold of the simulations (an int k: ``0 .. k - 1``; a
+    sequence: those indices, e.g. a batch of them to bound memory at large N; default: all of the
+    study's) is drawn again with the same seeded functions and each split's row count and triplet
+    / answer checksums are compared with the recorded ones, before anything is fitted. Returns per
+    requested simulation, in order, the list of fold dicts (``fold``, ``concepts``, and per split
+    ``triplets`` (int64) and ``answers`` (int8)).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the job's recipe was never materialized.
+    SyntheticDataMismatch
+        If an input changed since the recipe was written, or the regenerated data of a
+        (simulation, fold, split) differ from the recorded checksums (the code or a library that
+        draws them changed): re-materialize ``synthetic_datasets`` for the job.
+    """
+    name = _job_name(model, n_train)
+    again = f"re-materialize synthetic_datasets for partition {model}|{n_train}"
+    arrays, meta = store.load_arrays(store.synthetic_path(model, n_train), name)
+    if meta.get("format") != RECIPE_FORMAT:
+        raise SyntheticDataMismatch(
+            f"{name}: {store.synthetic_path(model, n_train)} is not a synthetic-data recipe of "
+            f"format {RECIPE_FORMAT!r} (written by another version of recovery_assets): {again}"
+        )
+    if simulations is None or isinstance(simulations, (int, np.integer)):
+        sims = list(range(study.simulations if simulations is None else int(simulations)))
+    else:
+        sims = [int(s) for s in simulations]
+    if any(not 0 <= s < int(meta["simulations"]) for s in sims):
+        raise ValueError(
+            f"{name} has simulations 0 .. {int(meta['simulations']) - 1}; asked for {sims}"
+        )
+    logits, T, exclude, identity = _synthetic_generator(study, store, model)
+    changed = [k for k, v in identity.items() if meta.get(k) != v]
+    if changed:
+        detail = ", ".join(f"{k}: recorded {meta.get(k)!r}, now {identity[k]!r}" for k in changed)
+        raise SyntheticDataMismatch(
+            f"{name}: the generator probe or its inputs changed since the synthetic data were "
+            f"recorded ({detail}); the data would not be the recorded ones: {again}"
+        )
+    recorded = {
+        (int(s), int(f), str(c)): (int(m), str(ts), str(as_))
+        for s, f, c, m, ts, as_ in zip(
+            arrays["split_simulation"],
+            arrays["split_fold"],
+            arrays["split_name"],
+            arrays["split_n_triplets"],
+            arrays["split_triplets_sha256"],
+            arrays["split_answers_sha256"],
+            strict=True,
+        )
+    }
+    n = identity["n_concepts"]
+    out = []
+    for s in sims:
         folds = []
-        f = 0
-        while f"s{s}_f{f}_train_triplets" in arrays:
-            fold = {"fold": f, "concepts": {}}
+        for fold in iter_synthetic_job(n, n_train, s, logits, T, exclude, generator=model):
+            f = fold["fold"]
+            where = f"{name}: simulation {s}, fold {f}"
+            for c in SPLITS:
+                stored = arrays.get(f"s{s}_f{f}_{c}_concepts")
+                if stored is None or not np.array_equal(stored, fold["concepts"][c]):
+                    raise SyntheticDataMismatch(
+                        f"{where}: the {c} concepts differ from the recorded concept folds (the "
+                        f"fold-splitting code or scikit-learn changed): {again}"
+                    )
             for split in SPLITS:
-                fold["concepts"][split] = arrays[f"s{s}_f{f}_{split}_concepts"]
-                fold[split] = {
-                    "triplets": arrays[f"s{s}_f{f}_{split}_triplets"],
-                    "answers": arrays[f"s{s}_f{f}_{split}_answers"],
-                }
+                t, a = fold[split]["triplets"], fold[split]["answers"]
+                got = (len(t), array_sha256(t, "<i8"), array_sha256(a, "i1"))
+                want = recorded.get((s, f, split))
+                if got != want:
+                    what = (
+                        "row count"
+                        if want is None or got[0] != want[0]
+                        else "triplets"
+                        if got[1] != want[1]
+                        else "answers"
+                    )
+                    raise SyntheticDataMismatch(
+                        f"{where}, {split} split: the regenerated {what} differ from the recorded "
+                        f"checksums (recorded {want}, regenerated {got}). The generator probe, "
+                        f"its inputs or the code that draws the data changed since "
+                        f"synthetic_datasets was materialized (rounding cannot cause this: the "
+                        f"answers follow the generator's fixed-order float64 reference logits "
+                        f"on every machine and thread count): {again}"
+                    )
+                fold[split] = {"triplets": t, "answers": a}
             folds.append(fold)
-            f += 1
-        if not folds:
-            raise ValueError(f"synthetic_datasets[{model}, N={n_train}] has no simulation {s}")
-        sims.append(folds)
-    return sims
+        out.append(folds)
+    return out
 
 
 # ----------------------------------------------------------------------------- candidates
 def build_scores(study: Study, store: Store, model: str, n_train: int, device, log: Log) -> dict:
     features = {m: load_features(store, m) for m in study.model_names}
-    sims = load_synthetic(store, model, n_train, study.simulations)
+    sims = load_synthetic(study, store, model, n_train)  # regenerated and verified
     log(
         f"fitting {len(features)} candidates x {len(study.candidate_lambdas)} lambdas x "
         f"{len(sims[0])} folds x {len(sims)} simulations"

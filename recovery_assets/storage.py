@@ -8,7 +8,7 @@ So several studies share a parent without touching each other's files. Layout of
     embeddings/<model>.npz                   features (n x p)
     human/judgements.npz, human/files/       canonical rows per file; the THINGS-shaped files
     generator_probes/<model>.npz             W, T, lambda
-    synthetic/<model>/n<N>.npz               all simulations x folds of one job
+    synthetic/<model>/n<N>.npz               one job's recipe: folds and checksums (no rows)
     tables/<table>/<key=value>/part.parquet  long tables, one file per partition
     plots/*.png
     recovery.duckdb                          views over tables/<table>/**/*.parquet

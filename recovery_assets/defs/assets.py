@@ -177,12 +177,17 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     def synthetic_datasets(
         context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
-        """All simulations x 3 folds of synthetic triplets and answers of generator `model`."""
+        """The recipe of generator `model`'s synthetic data at N = `n_train` (all simulations x 3
+        folds x train/val/test): concept folds, per split the row count and the SHA-256 of its
+        triplets and answers, and the checksums of the generator probe, features and human
+        exclusion set it was drawn from. The rows themselves are not stored: candidate_scores
+        regenerates them from the seeds and verifies them against these checksums."""
         store = storage.store(study)
         model, n_train = split_job_key(context.partition_key)
         info = pipeline.build_synthetic(study, store, model, n_train, context.log.info)
         check = _check("self_agreement_in_99_interval", bool(abs(info["z"]) <= 2.576), info)
-        return _finish(store, info, [check])
+        meta = {**info, "recipe": dg.MetadataValue.path(str(store.synthetic_path(model, n_train)))}
+        return _finish(store, meta, [check])
 
     @dg.asset(
         group_name=group("recovery"),
