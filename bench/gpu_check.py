@@ -1,4 +1,4 @@
-"""The GPU check, prepared for a session that is lent the device machine: one command, ~5 minutes.
+"""The GPU check: one command, ~5 minutes, for a machine with a CUDA device.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu_check.py --device cuda --out "$OUT"
 

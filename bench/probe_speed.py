@@ -5,7 +5,7 @@
 
 Lines 1-2: one fit at p = 1,024 and p = 4,096 (n = 1,854 concepts of which 865 train,
 N = 25,600 training triplets, shrinkage, lambda = 1e-4). Both objectives are re-evaluated by the
-same float64 formula of study.md §4 at the returned W.
+same float64 formula of docs/method.md §4 at the returned W.
 Line 3: one batched recovery job (4 candidates with p = 256, 512, 1,024, 2,048; 11 lambdas
 1e-6 ... 1e4; 3 folds: 132 fits; N = 6,400) against the reference fitting the same problems one by
 one. The reference is slow (a p = 2,048 fit takes minutes), so ``--reference-folds F`` times it on

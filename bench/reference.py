@@ -1,4 +1,4 @@
-"""A plain reference probe fit, written straight from study.md §4, for the benchmarks.
+"""A plain reference probe fit, written straight from docs/method.md §4, for the benchmarks.
 
 W is the full p x p matrix from the identity; every step forms the full n x n Gram of all concepts;
 torch L-BFGS with a strong-Wolfe line search (max_iter 150, max_eval 450, tolerance_grad 1e-7,

@@ -110,7 +110,7 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
 @click.option("--out", "out", required=True, help="where to write W.npy (float32)")
 def fit_probe(features, triplets, answers, family, penalty, lam, device, out) -> None:
-    """Fit one probe (study.md §4) from the identity and write the full transform W.
+    """Fit one probe (docs/method.md §4) from the identity and write the full transform W.
 
     Prints one JSON line: objective, train_accuracy, iterations, seconds.
     """

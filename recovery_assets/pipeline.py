@@ -185,7 +185,7 @@ def load_features(store: Store, model: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- human data
 def build_human(study: Study, store: Store, log: Log) -> dict:
-    """The human judgements, validated, convention-detected and canonicalised (study.md §2).
+    """The human judgements, validated, convention-detected and canonicalised (docs/method.md §2).
 
     Demo: a simulated observer answers, its answers are written as a THINGS-shaped folder. THINGS:
     the user's folder. Both are read by the same loader.
@@ -332,7 +332,7 @@ def generator_training_sets(study: Study, sets: dict) -> list[str]:
 
 
 def build_generator(study: Study, store: Store, model: str, device, log: Log) -> dict:
-    """One model's generator probe (study.md §5): lambda by cross-validation over the human
+    """One model's generator probe (docs/method.md §5): lambda by cross-validation over the human
     training judgements (``generator.fit_on``), refit on all of them, T calibrated on test set 2;
     human accuracy and NLL are reported on test set 2 (at the calibrated T)."""
     rows, meta = load_human(store)

@@ -21,7 +21,7 @@ from recovery_assets.core.probe import ProbeSpec
 
 STUDY_ENV = "RECOVERY_STUDY"
 DEFAULT_STUDY = "demo"
-# Kinds of study: the offline demo universe, or the THINGS data on disk (study.md §2).
+# Kinds of study: the offline demo universe, or the THINGS data on disk (docs/method.md §2).
 KINDS = ("demo", "things")
 # Where a model's features come from: a timm network run on the stimuli, or a precomputed file.
 MODEL_SOURCES = ("timm", "features")
@@ -35,7 +35,7 @@ DASK_CLUSTERS = ("local", "slurm", "pbs", "sge", "lsf")
 FEATURES_ENV = "RECOVERY_FEATURES_DIR"
 WEIGHTS_ENV = "RECOVERY_WEIGHTS_DIR"
 IMAGE_LAYOUTS = ("auto", "things", "flat")
-# The human judgement sets a generator may be fitted on (the non-test sets; study.md §5).
+# The human judgement sets a generator may be fitted on (the non-test sets; docs/method.md §5).
 FIT_SETS = ("trainset", "validationset")
 # How a thingsvision feature file with several images per concept becomes one row per concept.
 CONCEPT_IMAGES = ("task", "mean")
@@ -48,7 +48,7 @@ class StudyError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One candidate model (study.md §3).
+    """One candidate model (docs/method.md §3).
 
     ``source: timm``: a timm architecture (``arch``, optionally with a pretrained tag such as
     ``resnet50.tv_in1k``) with ``weights`` ``random`` (seeded init), ``checkpoint`` (a local file)

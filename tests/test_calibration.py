@@ -1,4 +1,4 @@
-"""Tests of recovery_assets.core.calibration (study.md §5: exact temperature calibration)."""
+"""Tests of recovery_assets.core.calibration (docs/method.md §5: exact temperature calibration)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of recovery_assets.core.geometry (study.md §8: RDMs, alignment shift, effective dim)."""
+"""Tests of recovery_assets.core.geometry (docs/method.md §8): RDMs, alignment shift, effective
+dimensionality."""
 
 from __future__ import annotations
 

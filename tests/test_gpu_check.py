@@ -1,5 +1,5 @@
 """The prepared device check (bench/gpu_check.py) runs end to end, here on the CPU with tiny
-problems, so that a session lent a GPU does not spend its device minutes on a broken script."""
+problems, so that a run on a GPU machine does not spend its time on a broken script."""
 
 import json
 import os

@@ -6,6 +6,7 @@ environment's site-packages), so nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,9 +34,15 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 def installed(tmp_path_factory):
     base = tmp_path_factory.mktemp("wheel")
     wheels = base / "dist"
+    # build from a clean copy of the sources (an in-tree build/ could hold stale modules)
+    src = base / "src"
+    skip = shutil.ignore_patterns(
+        ".*", "build", "data", "dagster_home", "*.egg-info", "__pycache__"
+    )
+    shutil.copytree(ROOT, src, ignore=skip)
     _ok(
         _run(
-            [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation"]
+            [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation"]
             + ["-q", "-w", str(wheels)],
             base,
             dict(os.environ),

@@ -1,4 +1,4 @@
-"""Tests of recovery_assets.core.probe (study.md §4: the linear probe and its fitter).
+"""Tests of recovery_assets.core.probe (docs/method.md §4: the linear probe and its fitter).
 
 The reference here is deliberately plain and independent of the module: W is a torch parameter,
 Z = X W^T, S = Z Z^T, the logits of triplet (i, j, k) are [S_jk, S_ik, S_ij], the objective is the
@@ -87,8 +87,8 @@ def naive_logits(Z: torch.Tensor, trip: torch.Tensor) -> torch.Tensor:
 
 
 def naive_penalty(W: torch.Tensor, family: str, penalty: str, P=None) -> torch.Tensor:
-    """R(W) of study.md §4. W is the full transform (rows x p); for pca the penalty acts on the
-    k x k transform of the principal components, W P."""
+    """R(W) of docs/method.md §4. W is the full transform (rows x p); for pca the penalty acts on
+    the k x k transform of the principal components, W P."""
     if family == "pca":
         W = W @ P
     if family == "diagonal":
@@ -642,8 +642,8 @@ def test_row_space_basis_keeps_every_real_direction(m, p, svals):
 
 
 def test_rank_k_larger_than_p():
-    """rank:k with k > p (study.md: W is k x p, initialised to eye(k, p)) must either fit or be
-    refused with a clear ValueError, like pca:k with too many components."""
+    """rank:k with k > p (docs/method.md §4: W is k x p, initialised to eye(k, p)) must either fit
+    or be refused with a clear ValueError, like pca:k with too many components."""
     d = make_problem(111, p=8, n_train=12, n_trip=200)
     spec = ProbeSpec.parse("rank:10", "shrinkage")
     try:

@@ -260,7 +260,7 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
 
 def assert_same_optimum(fit, plain, d, lam, spec, pub_tol):
     """Two converged fits of one problem by different internal routes: the same objective and W,
-    and the fit's objective is study.md's formula at its W."""
+    and the fit's objective is the method's formula (docs/method.md §4) at its W."""
     assert fit.converged and plain.converged
     assert rel(fit.objective, plain.objective) < 1e-9
     torch.testing.assert_close(fit.matrix_tensor(), plain.matrix_tensor(), atol=1e-6, rtol=1e-6)

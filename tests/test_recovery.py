@@ -1,4 +1,5 @@
-"""Tests of recovery_assets.core.recovery (study.md §7: selection, ranks, recovery metrics)."""
+"""Tests of recovery_assets.core.recovery (docs/method.md §7): selection, ranks, recovery
+metrics."""
 
 from __future__ import annotations
 

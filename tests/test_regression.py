@@ -1,4 +1,4 @@
-"""Tests of recovery_assets.core.regression (study.md §8: regression of misidentification)."""
+"""Tests of recovery_assets.core.regression (docs/method.md §8: regression of misidentification)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of recovery_assets.core.simulation (study.md §6: synthetic data of one recovery job)."""
+"""Tests of recovery_assets.core.simulation (docs/method.md §6): synthetic data of one recovery
+job."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from recovery_assets.sources.things import (
     validate_things,
 )
 
-# Ids whose sorted order differs from the file order (study.md §2).
+# Ids whose sorted order differs from the file order (docs/method.md §2).
 IDS = ["camera_lens", "camera1", "camera2", "aardvark", "zebra"]
 
 

@@ -1,4 +1,5 @@
-"""Tests of recovery_assets.core.triplets (study.md §2 ceiling, §4 conventions, §6 sampling)."""
+"""Tests of recovery_assets.core.triplets (docs/method.md: §2 ceiling, §4 conventions, §6
+sampling)."""
 
 from __future__ import annotations
 

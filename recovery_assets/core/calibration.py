@@ -1,7 +1,7 @@
-"""Temperature calibration of generator probes (study.md §5).
+"""Temperature calibration of generator probes (docs/method.md §5).
 
-A generator probe's logits for triplet ``t`` are ``l_t = [s_jk, s_ik, s_ij]`` (study.md §4) and
-its answer distribution at temperature ``T`` is ``P_T(c | t) = softmax(l_t / T)_c``. The probe's
+A generator probe's logits for triplet ``t`` are ``l_t = [s_jk, s_ik, s_ij]`` (docs/method.md §4)
+and its answer distribution at temperature ``T`` is ``P_T(c | t) = softmax(l_t / T)_c``. The probe's
 expected agreement with its own sampled answers is the mean over the calibration triplets of
 ``max_c P_T(c | t)``; the temperature is chosen so that this equals the human noise ceiling (0.678
 on THINGS test set 2), i.e. the synthetic observers are exactly as self-consistent as people.
@@ -26,7 +26,7 @@ __all__ = [
     "mean_max_probability",
 ]
 
-DEFAULT_TARGET = 0.678  # THINGS test set 2 leave-one-out noise ceiling (study.md §2)
+DEFAULT_TARGET = 0.678  # THINGS test set 2 leave-one-out noise ceiling (docs/method.md §2)
 
 
 def _as_logits(logits: np.ndarray) -> np.ndarray:
@@ -80,7 +80,8 @@ def max_probability_range(logits: np.ndarray) -> tuple[float, float]:
 def calibrate_temperature(
     logits: np.ndarray, target: float = DEFAULT_TARGET, xtol: float = 1e-14
 ) -> float:
-    """Temperature ``T`` with ``mean_t max_c softmax(logits_t / T)_c == target`` (study.md §5).
+    """Temperature ``T`` with ``mean_t max_c softmax(logits_t / T)_c == target``
+    (docs/method.md §5).
 
     Solves the monotone 1-D equation exactly with ``scipy.optimize.brentq`` on ``u = log T``.
     The bracket is found by stepping ``u`` down (towards the ``T -> 0`` limit) and up (towards

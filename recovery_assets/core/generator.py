@@ -1,4 +1,4 @@
-"""Generator probes: a model's probe fitted to human choices, then calibrated (study.md §5).
+"""Generator probes: a model's probe fitted to human choices, then calibrated (docs/method.md §5).
 
 lambda is chosen by K-fold cross-validation over the human training triplets (shuffled, seed 42)
 by mean validation accuracy (ties: the smallest lambda), then the probe is refitted on all

@@ -1,10 +1,13 @@
-"""Representational geometry of a model's features before and after its probe (study.md §3, §4, §8).
+"""Representational geometry of a model's features before and after its probe.
 
-The regression of misidentification (study.md §8) describes every model by, among other
+(docs/method.md §3, §4, §8.)
+
+The regression of misidentification (docs/method.md §8) describes every model by, among other
 properties, how much its human-fitted generator probe reshapes its representational geometry and
 how many dimensions its features effectively use. This module computes those quantities from a
-model's raw feature matrix X (n concepts x p features; study.md §3: features are used raw, with no
-centring or scaling) and its probe W (q x p; transformed features Z = X W^T, study.md §4).
+model's raw feature matrix X (n concepts x p features; docs/method.md §3: features are used
+raw, with no centring or scaling) and its probe W (q x p; transformed features Z = X W^T,
+docs/method.md §4).
 
 * Representational dissimilarity matrices (RDMs) are Euclidean over all concepts, computed with
   rsatoolbox 0.3.2 (``calc_rdm(Dataset(X), method="euclidean")``). rsatoolbox's "euclidean" RDM
@@ -15,11 +18,11 @@ centring or scaling) and its probe W (q x p; transformed features Z = X W^T, stu
   follows: subtract the mean dissimilarity from each RDM's off-diagonal entries, convert the
   result to a double-centred second-moment matrix G = -1/2 H D H (H the centring matrix), and take
   the cosine of the two G matrices under the Frobenius inner product.
-* The alignment-induced shift is 1 - RSA(RDM(X), RDM(X W^T)) (study.md §8): 0 when the probe
+* The alignment-induced shift is 1 - RSA(RDM(X), RDM(X W^T)) (docs/method.md §8): 0 when the probe
   leaves the geometry unchanged (e.g. W = I or any scaled rotation), growing as the probe distorts
   it.
 * Effective dimensionality is the participation ratio (sum l_i)^2 / sum l_i^2 of the PCA
-  eigenvalues l_i of the column-centred features (study.md §8), computed in float64.
+  eigenvalues l_i of the column-centred features (docs/method.md §8), computed in float64.
 
 All functions are pure numpy/rsatoolbox code and validate their inputs, raising ``ValueError``
 with a message naming the offending argument.
@@ -72,7 +75,7 @@ def _transform(X: np.ndarray, W: Any) -> np.ndarray:
 
 
 def euclidean_rdm(X: Any) -> rsatoolbox.rdm.RDMs:
-    """Euclidean RDM over all concepts (rows) of a feature matrix (study.md §8).
+    """Euclidean RDM over all concepts (rows) of a feature matrix (docs/method.md §8).
 
     Uses ``rsatoolbox.rdm.calc_rdm(rsatoolbox.data.Dataset(X), method="euclidean")``; the returned
     RDMs object holds one RDM with entries ||x_a - x_b||^2 / p for a < b.
@@ -117,7 +120,7 @@ def _rdm_vector(rdm: Any, name: str) -> np.ndarray:
 
 
 def compare_rdms(rdm1: Any, rdm2: Any) -> float:
-    """Whitened-correlation ("corr_cov") similarity of two RDMs (study.md §8).
+    """Whitened-correlation ("corr_cov") similarity of two RDMs (docs/method.md §8).
 
     Uses ``rsatoolbox.rdm.compare(rdm1, rdm2, method="corr_cov")`` with no pattern covariance,
     which is the cosine, under the Frobenius inner product, of the two double-centred
@@ -162,12 +165,12 @@ def compare_rdms(rdm1: Any, rdm2: Any) -> float:
 
 
 def alignment_shift(X: Any, W: Any) -> float:
-    """Alignment-induced geometry shift 1 - RSA(RDM(X), RDM(X W^T)) (study.md §8).
+    """Alignment-induced geometry shift 1 - RSA(RDM(X), RDM(X W^T)) (docs/method.md §8).
 
     RDMs are Euclidean over all concepts (:func:`euclidean_rdm`) and compared by whitened
     correlation (:func:`compare_rdms`). W is the model's human-fitted generator probe of shape
-    (q, p), so the transformed features are Z = X W^T (study.md §4). The shift is 0 for W = I (and
-    for any scaled orthogonal W) and lies in [0, 2].
+    (q, p), so the transformed features are Z = X W^T (docs/method.md §4). The shift is 0 for
+    W = I (and for any scaled orthogonal W) and lies in [0, 2].
 
     Parameters
     ----------
@@ -186,7 +189,7 @@ def alignment_shift(X: Any, W: Any) -> float:
 
 
 def participation_ratio(X: Any) -> float:
-    """Effective dimensionality: participation ratio of the PCA eigenvalues (study.md §8).
+    """Effective dimensionality: participation ratio of the PCA eigenvalues (docs/method.md §8).
 
     With X_c the column-centred features (n x p) and s_i its singular values, the PCA eigenvalues
     are l_i = s_i^2 / (n - 1) and the participation ratio is
@@ -231,7 +234,7 @@ def participation_ratio(X: Any) -> float:
 
 
 def geometry_properties(X: Any, W: Any) -> dict[str, float]:
-    """The three geometry predictors of one model (study.md §8) in one call.
+    """The three geometry predictors of one model (docs/method.md §8) in one call.
 
     Returns a dict with ``alignment_shift`` (:func:`alignment_shift`), ``ed_before`` (participation
     ratio of X) and ``ed_after`` (participation ratio of Z = X W^T), the column names the

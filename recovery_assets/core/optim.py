@@ -15,7 +15,7 @@ is K x + t K d (no product with K), and the gradient (the second product) is com
 accepted step. One iteration then applies K twice however many trial steps the line search takes.
 K x is recomputed from x every ``RESYNC`` iterations so that rounding cannot accumulate.
 
-Stopping rule (study.md §4): the relative objective change between iterations falls below
+Stopping rule (docs/method.md §4): the relative objective change between iterations falls below
 ``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be found
 at working precision (the objective is then at its floor), or ``max_iter`` is reached.
 """

@@ -1,4 +1,4 @@
-"""The linear probe of study.md §4: fitting a transform W to odd-one-out choices.
+"""The linear probe of docs/method.md §4: fitting a transform W to odd-one-out choices.
 
 Features X (n x p) are mapped to Z = X W^T; the similarity of concepts a and b is
 s_ab = z_a . z_b. For a triplet (i, j, k) the logits are [s_jk, s_ik, s_ij] / T, so position 0
@@ -20,8 +20,8 @@ scaled identities c I (``_scale_search``), then L-BFGS (FISTA for L1). Fitting i
 problems (candidate models x lambdas x folds) advance together in one optimiser (see ``optim``), on
 any torch device.
 
-The exact reduction for ``full`` with shrinkage or Frobenius penalties (study.md §4, "Making the
-fit exact and cheap"): let V (p x r) be an orthonormal basis of the row space of the training
+The exact reduction for ``full`` with shrinkage or Frobenius penalties (docs/method.md §4,
+docs/exact-fit.md): let V (p x r) be an orthonormal basis of the row space of the training
 concepts' features. Gradient steps from W = I keep W = V A V^T + d (I - V V^T), and the loss
 depends on A alone through the training coordinates U = X_train V. The scalar d enters only the
 penalty, so it is profiled out in closed form:

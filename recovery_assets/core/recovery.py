@@ -1,4 +1,4 @@
-"""Model selection and recovery metrics (study.md §7).
+"""Model selection and recovery metrics (docs/method.md §7).
 
 Input is a long table of fits, one row per (simulation, generator, candidate, lambda, fold) with the
 candidate's validation and test accuracy and NLL on that fold's synthetic data. Per (simulation,
@@ -183,7 +183,7 @@ def select_and_score(
     criterion: Literal["accuracy", "nll"] = "accuracy",
     tol: float = DEFAULT_TOL,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Select lambda*, score, rank and pick the winner of every job (study.md §7).
+    """Select lambda*, score, rank and pick the winner of every job (docs/method.md §7).
 
     Parameters
     ----------
@@ -279,7 +279,7 @@ def select_and_score(
 
 @dataclass
 class RecoveryMetrics:
-    """Recovery summary over jobs (study.md §7).
+    """Recovery summary over jobs (docs/method.md §7).
 
     Attributes
     ----------
@@ -326,7 +326,7 @@ class RecoveryMetrics:
 def recovery_metrics(
     winners: pd.DataFrame, model_order, n_total: int | None = None
 ) -> RecoveryMetrics:
-    """Recovery matrix and summary metrics from the per-job winners (study.md §7).
+    """Recovery matrix and summary metrics from the per-job winners (docs/method.md §7).
 
     Parameters
     ----------

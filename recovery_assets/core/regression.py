@@ -1,15 +1,15 @@
-"""Regression of misidentification on model properties (study.md §8).
+"""Regression of misidentification on model properties (docs/method.md §8).
 
 Data. At the largest training size of a recovery experiment, every simulation s and generator g
-give each candidate m a score on g's synthetic data (study.md §7). Each (s, g, m) with m != g is
-one observation whose outcome is the accuracy difference
+give each candidate m a score on g's synthetic data (docs/method.md §7). Each (s, g, m) with m != g
+is one observation whose outcome is the accuracy difference
 
     acc_diff_raw = score(g on g's data) - score(m on g's data),
 
 positive when the generator beats the candidate. The outcome is z-scored over all observations
 (sample standard deviation, ddof = 1).
 
-Predictors. Each model has five properties (study.md §3, §8): number of parameters
+Predictors. Each model has five properties (docs/method.md §3, §8): number of parameters
 (``n_params``), embedding dimension (``embedding_dim``), alignment-induced geometry shift
 (``alignment_shift``) and effective dimensionality before and after the probe (``ed_before``,
 ``ed_after``; see :mod:`recovery_assets.core.geometry`). Each property is z-scored once across the
@@ -32,7 +32,7 @@ coefficients: it is counted (``n_rank_deficient``) and excluded from the CIs and
 From the B' valid resamples: percentile (1 - alpha) CIs; the two-tailed bootstrap p-value
 p = 2 min(#(b* <= 0), #(b* >= 0)) / B', capped at 1 and floored at 1 / B' (the resolution of the
 bootstrap: p = 1 / B' reads "p < 1 / B'"); Bonferroni correction over all 11 coefficients,
-intercept included (study.md §8: "over all coefficients"), via statsmodels' ``multipletests``;
+intercept included (docs/method.md §8: "over all coefficients"), via statsmodels' ``multipletests``;
 significant = Bonferroni p <= alpha (statsmodels' rule). Variance inflation factors come from
 statsmodels' ``variance_inflation_factor`` on the full design with its constant (NaN for the
 intercept).
@@ -57,7 +57,7 @@ __all__ = [
     "regression_terms",
 ]
 
-#: Per-model properties used as predictors (study.md §8), in report order.
+#: Per-model properties used as predictors (docs/method.md §8), in report order.
 PROPERTIES: tuple[str, ...] = (
     "n_params",
     "embedding_dim",
@@ -104,7 +104,7 @@ def build_regression_frame(
     properties: pd.DataFrame,
     predictors: Sequence[str] = PROPERTIES,
 ) -> pd.DataFrame:
-    """Assemble the observation table of the misidentification regression (study.md §8).
+    """Assemble the observation table of the misidentification regression (docs/method.md §8).
 
     Parameters
     ----------
@@ -288,7 +288,8 @@ def fit_misidentification_regression(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """OLS of the z-scored accuracy difference with model-level bootstrap inference (study.md §8).
+    """OLS of the z-scored accuracy difference with model-level bootstrap inference
+    (docs/method.md §8).
 
     Parameters
     ----------
@@ -296,7 +297,7 @@ def fit_misidentification_regression(
         Output of :func:`build_regression_frame` (needs ``generator``, ``candidate``,
         ``acc_diff`` and matching ``gen_<prop>`` / ``cand_<prop>`` columns).
     n_boot : int
-        Number of model-level bootstrap resamples (study.md: 10,000).
+        Number of model-level bootstrap resamples (the method: 10,000).
     seed : int
         Seed of the ``numpy.random.Generator`` that draws the resamples; the same seed gives
         identical results.

@@ -1,4 +1,6 @@
-"""Scoring fitted probes on triplet sets, and the candidate fits of one recovery job (study.md §7).
+"""Scoring fitted probes on triplet sets, and the candidate fits of one recovery job.
+
+(docs/method.md §7.)
 
 For one generator g, training size N and simulation s, every candidate model m is fitted from the
 identity on each fold's synthetic training triplets at every lambda of the candidate grid, and
@@ -106,7 +108,7 @@ def score_candidates(
     max_iter: int = 1000,
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
-    """Fit every candidate on every fold at every lambda and score it (study.md §7).
+    """Fit every candidate on every fold at every lambda and score it (docs/method.md §7).
 
     ``folds`` are the synthetic folds of one job (``simulation.synthetic_job``): dicts with
     ``train``, ``val`` and ``test`` entries, each {"triplets", "answers"}; or a mapping

@@ -1,6 +1,6 @@
 """Triplets: keys, concept folds, unique triplet sampling, conventions and the noise ceiling.
 
-Conventions (study.md §2, §4)
+Conventions (docs/method.md §2, §4)
 -----------------------------
 A triplet is a row ``(i, j, k)`` of 0-based concept indices (the row order of
 ``things_concepts.tsv``). Its three logits are ``[s_jk, s_ik, s_ij] / T``, so the *answer* of a
@@ -11,7 +11,7 @@ other convention (``[odd, pair, pair]``, answer position 0); both are supported 
 
 A triplet's identity does not depend on the order of its concepts: two rows are the same triplet
 when their sorted indices are equal. :func:`triplet_keys` encodes the sorted indices as one int64,
-which is how uniqueness and the exclusion of human triplets (study.md §6) are checked.
+which is how uniqueness and the exclusion of human triplets (docs/method.md §6) are checked.
 
 Everything here is plain numpy / scipy / scikit-learn.
 """
@@ -65,7 +65,7 @@ def triplet_keys(triplets: np.ndarray, n_concepts: int) -> np.ndarray:
     The three indices of each row are sorted, ``a <= b <= c``, and encoded as
     ``key = (a * n + b) * n + c`` with ``n = n_concepts``. Two rows get the same key exactly when
     they hold the same three concepts in any order, which is the identity used for uniqueness and
-    for excluding human triplets from synthetic data (study.md §6: "compared after sorting").
+    for excluding human triplets from synthetic data (docs/method.md §6: "compared after sorting").
     ``n_concepts**3`` must fit in int64 (true for any realistic stimulus set; THINGS has 1,854).
 
     Parameters
@@ -112,7 +112,7 @@ def _decode_keys(keys: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ConceptSplit:
-    """Concepts of one fold (study.md §6): sorted int64 arrays of concept indices."""
+    """Concepts of one fold (docs/method.md §6): sorted int64 arrays of concept indices."""
 
     fold: int
     train: np.ndarray
@@ -126,7 +126,7 @@ class ConceptSplit:
 def concept_folds(
     n_concepts: int, seed: int, n_folds: int = 3, val_fraction: float = 0.3
 ) -> list[ConceptSplit]:
-    """Split concepts into train / validation / test for each fold (study.md §6).
+    """Split concepts into train / validation / test for each fold (docs/method.md §6).
 
     The ``n_concepts`` concepts are split into ``n_folds`` test folds by a shuffled
     ``sklearn.model_selection.KFold(n_splits=n_folds, shuffle=True, random_state=seed)``. For fold
@@ -139,7 +139,7 @@ def concept_folds(
     Parameters
     ----------
     n_concepts : total number of concepts.
-    seed : the simulation index ``s`` (study.md §6: "Seed = s").
+    seed : the simulation index ``s`` (docs/method.md §6: "Seed = s").
     n_folds : number of test folds (3 in the study).
     val_fraction : fraction of the non-test concepts used for validation (0.3 in the study).
 
@@ -227,7 +227,8 @@ def sample_unique_triplets(
     exclude_keys: np.ndarray | None = None,
     n_concepts: int | None = None,
 ) -> np.ndarray:
-    """Draw ``n`` uniformly random unique triplets of distinct concepts from a subset (study.md §6).
+    """Draw ``n`` uniformly random unique triplets of distinct concepts from a subset
+    (docs/method.md §6).
 
     The result is a uniformly random ``n``-subset of the allowed triplets: all unordered sets of 3
     distinct concepts from ``concepts`` whose sorted key (:func:`triplet_keys`) is not in
@@ -357,7 +358,7 @@ def _check_convention(convention: str) -> None:
 def human_rows_to_positions(
     rows: np.ndarray, convention: str = "pair_pair_odd"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read human judgement rows as (triplets, answer positions) (study.md §2, §4).
+    """Read human judgement rows as (triplets, answer positions) (docs/method.md §2, §4).
 
     With ``convention="pair_pair_odd"`` (the THINGS files) columns 0 and 1 are the most similar pair
     and column 2 is the odd one out; with ``"odd_pair_pair"`` column 0 is the odd one out. The rows
@@ -420,7 +421,7 @@ class NoiseCeiling(NamedTuple):
 
 
 def noise_ceiling(rows: np.ndarray) -> NoiseCeiling:
-    """Leave-one-out noise ceiling of repeated human judgements (study.md §2).
+    """Leave-one-out noise ceiling of repeated human judgements (docs/method.md §2).
 
     ``rows`` are human judgements in the ``[pair, pair, odd]`` convention. Each row is normalised
     (its three concepts sorted; the answer remapped to the position of the odd concept among the

@@ -1,7 +1,7 @@
 """The offline demo study: real photographs, a simulated observer and THINGS-shaped files.
 
 The demo runs the whole model-recovery pipeline offline, in minutes, on a small laptop, with the
-same loader and the same noise-ceiling code as THINGS (study.md §2). It has three parts.
+same loader and the same noise-ceiling code as THINGS (docs/method.md §2). It has three parts.
 
 Stimuli (:func:`demo_stimuli`)
     Real photographs that ship *inside* installed packages (nothing is downloaded): scikit-image's
@@ -22,7 +22,7 @@ Observer (:class:`DemoObserver`)
     luminance contrast, edge energy; bandwidth = the median squared distance) and ``E`` is a
     seeded symmetric standard-normal matrix. For a triplet ``(i, j, k)`` its answer distribution
     is ``softmax([H_jk, H_ik, H_ij] / temperature)`` (position ``c`` = "the ``c``-th concept is the
-    odd one out", exactly the probe convention of study.md §4).
+    odd one out", exactly the probe convention of docs/method.md §4).
 
     The temperature is not a magic constant: by default it is solved by 1-D root finding
     (:func:`calibrate_observer_temperature`, ``scipy.optimize.brentq`` on ``log T``) so that the
@@ -84,7 +84,7 @@ DEMO_N_VAL = 2_000
 DEMO_N_TEST_TRIPLETS = 1_000
 DEMO_REPEATS = 10
 
-# The THINGS judgement files, in the order of study.md §2.
+# The THINGS judgement files, in the order of docs/method.md §2.
 FILE_KEYS = ("trainset", "validationset", "testset1", "testset2", "testset3")
 
 # Crops are squares whose side is this fraction (uniform) of the photograph's shorter side.
@@ -608,7 +608,7 @@ def write_things_folder(
     *,
     jpeg_quality: int = 95,
 ) -> dict[str, Path]:
-    """Write stimuli and judgements as a THINGS-shaped folder (study.md §2).
+    """Write stimuli and judgements as a THINGS-shaped folder (docs/method.md §2).
 
     Layout::
 

@@ -1,4 +1,4 @@
-"""Precomputed feature files: validated loading in THINGS concept order (study.md §3).
+"""Precomputed feature files: validated loading in THINGS concept order (docs/method.md §3).
 
 A model may be given as a precomputed ``n x p`` feature matrix instead of a timm network: one file
 per model, one row per THINGS concept. The concept order is the row order of
@@ -523,7 +523,7 @@ def load_feature_file(
     *,
     key: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Load a precomputed feature matrix in concept order (study.md §3).
+    """Load a precomputed feature matrix in concept order (docs/method.md §3).
 
     Parameters
     ----------

@@ -1,8 +1,8 @@
 """Human odd-one-out judgements: fast validated reading, convention detection, metadata.
 
-THINGS odd-one-out files (study.md §2) hold one judgement per row, three 0-based concept indices
-(the row order of ``things_concepts.tsv``), either as text (whitespace-separated integers, no
-header, ``trainset.txt`` ...) or as ``.npy`` integer arrays of shape ``(m, 3)``. The THINGS
+THINGS odd-one-out files (docs/method.md §2) hold one judgement per row, three 0-based concept
+indices (the row order of ``things_concepts.tsv``), either as text (whitespace-separated integers,
+no header, ``trainset.txt`` ...) or as ``.npy`` integer arrays of shape ``(m, 3)``. The THINGS
 convention is ``[pair, pair, odd]``: columns 0 and 1 were judged most similar and column 2 is the
 odd one out. Some public copies use ``[odd, pair, pair]`` and some old files are in a wrong
 concept order, so the convention is *detected from the data* instead of assumed:
@@ -272,7 +272,7 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def read_triplet_file(path: str | os.PathLike[str], n_concepts: int) -> np.ndarray:
-    """Read and validate one THINGS odd-one-out file (study.md §2).
+    """Read and validate one THINGS odd-one-out file (docs/method.md §2).
 
     Parameters
     ----------
@@ -423,7 +423,7 @@ def detect_convention(
     max_rows: int = 200_000,
     seed: int = 0,
 ) -> ConventionResult:
-    """Detect the column of the odd one out from a reference similarity (study.md §2).
+    """Detect the column of the odd one out from a reference similarity (docs/method.md §2).
 
     ``similarity_fn(t)`` maps an ``(m, 3)`` array of rows ``(i, j, k)`` to ``(m, 3)`` logits
     ``[s_jk, s_ik, s_ij]`` (e.g. zero-shot dot products of a reference model's features); the
@@ -1039,7 +1039,7 @@ def detect_choice_encoding(
 
 @dataclass
 class HumanData:
-    """Validated human judgements in canonical ``[pair, pair, odd]`` rows (study.md §2).
+    """Validated human judgements in canonical ``[pair, pair, odd]`` rows (docs/method.md §2).
 
     Attributes
     ----------
@@ -1258,7 +1258,7 @@ def load_human_judgements(
     max_rows: int = 200_000,
     seed: int = 0,
 ) -> HumanData:
-    """Read, validate and canonicalise the THINGS human judgements (study.md §2).
+    """Read, validate and canonicalise the THINGS human judgements (docs/method.md §2).
 
     Parameters
     ----------

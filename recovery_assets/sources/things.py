@@ -1,6 +1,6 @@
 """A THINGS folder on disk: the concept table, the images, and a dry-run check of the whole folder.
 
-THINGS (study.md §2) has 1,854 object concepts. Their order is the row order of
+THINGS (docs/method.md §2) has 1,854 object concepts. Their order is the row order of
 ``things_concepts.tsv`` (tab-separated, header, 25 columns, one of them ``uniqueID``); it is never
 sorted (sorted order differs: ``camera_lens, camera1, camera2``). Each concept has one image,
 either ``<images>/<uniqueID>/<uniqueID>_NNb.jpg`` (the THINGS layout: the image with the
@@ -123,7 +123,7 @@ def _count_problem(path: Path, n: int, expected: int) -> str:
 
 
 def read_concepts(path: str | os.PathLike[str], *, n_concepts: int | None = None) -> pd.DataFrame:
-    """Read and validate ``things_concepts.tsv`` (study.md §2).
+    """Read and validate ``things_concepts.tsv`` (docs/method.md §2).
 
     Parameters
     ----------
@@ -294,7 +294,7 @@ def find_images(
     images: str | os.PathLike[str] | None = None,
     layout: str = "auto",
 ) -> tuple[list[Path | None], dict[str, Any]]:
-    """Locate one image per concept (study.md §2).
+    """Locate one image per concept (docs/method.md §2).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Feature extraction from timm networks (study.md §3), offline.
+"""Feature extraction from timm networks (docs/method.md §3), offline.
 
 A model is a timm architecture plus weights. :func:`extract_features` builds the architecture with
 ``timm.create_model(arch, pretrained=False, num_classes=0)`` under a fixed torch seed (random
@@ -239,7 +239,7 @@ def extract_features(
     num_threads: int | None = None,
     layer: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pooled pre-logits embeddings of ``images`` from a timm network (study.md §3).
+    """Pooled pre-logits embeddings of ``images`` from a timm network (docs/method.md §3).
 
     The model is ``timm.create_model(arch, pretrained=False, num_classes=0)`` built under
     ``torch.manual_seed(seed)`` (ViT-like constructors get ``img_size`` = the image size), with a
