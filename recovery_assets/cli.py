@@ -180,6 +180,26 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
     click.echo(json.dumps(record))
 
 
+def input_error(exc: BaseException) -> str | None:
+    """The message of the bad-input error (a malformed file, a study setting, data that do not
+    match) behind a failed step, or None when the failure is something else."""
+    from recovery_assets.pipeline import SyntheticDataMismatch
+    from recovery_assets.sources.features import FeatureFileError
+    from recovery_assets.sources.human import HumanDataError
+    from recovery_assets.sources.things import ThingsDataError
+    from recovery_assets.study import StudyError
+
+    kinds = (StudyError, ThingsDataError, FeatureFileError, HumanDataError, SyntheticDataMismatch)
+    seen = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, kinds):
+            return str(error).strip()
+        error = getattr(error, "user_exception", None) or error.__cause__
+    return None
+
+
 def _open_study(study_path: str | None):
     from recovery_assets.study import StudyError, load_study
 
@@ -242,7 +262,9 @@ def study_cmd(
             "study", f"--dask-scheduler {dask_scheduler}: expected an address like tcp://host:8786"
         )
     ensure_home()
-    logging.getLogger("dagster").setLevel(logging.WARNING)
+    # the terminal gets one line per step; the runs' full logs are in the instance (make ui), and
+    # a failure is reported below in one line
+    logging.getLogger("dagster").setLevel(logging.CRITICAL)
     if dask_scheduler or dask_workers or max_concurrent_runs:
         cluster = None
         dask = None
@@ -267,6 +289,7 @@ def study_cmd(
                 echo=click.echo,
                 dask=dask,
                 max_concurrent_runs=max_concurrent_runs or 4,
+                log_level="CRITICAL",
             )
         except RunFailed as exc:
             _fail("study", str(exc))
@@ -275,7 +298,13 @@ def study_cmd(
                 cluster.close()
     else:
         with dg.DagsterInstance.get() as instance:
-            store = materialize_study(study, instance, echo=click.echo)
+            try:
+                store = materialize_study(study, instance, echo=click.echo, log_level="CRITICAL")
+            except Exception as exc:  # noqa: BLE001 - bad input is reported, a bug re-raised
+                problem = input_error(exc)
+                if problem is None:
+                    raise
+                _fail("study", problem)
     click.echo(f"\nrecovery curve ({store.db_path}):")
     _print_sql(store.db_path, _recipe("recovery_curve"))
     click.echo(f"\nplots: {store.path('plots')}/")

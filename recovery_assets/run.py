@@ -128,7 +128,11 @@ def _execute_run(
         if not result.success:
             for event in result.all_events:
                 if event.is_step_failure and event.step_failure_data.error is not None:
-                    message = event.step_failure_data.error.message.strip()
+                    error = event.step_failure_data.error
+                    while error.cause is not None:  # the user's exception, not Dagster's wrapper
+                        error = error.cause
+                    step = event.step_key.split("__", 1)[-1]
+                    message = f"{step}: {error.message.strip()}"
                     break
         return result.run_id, result.success, message
 

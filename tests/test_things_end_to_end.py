@@ -432,3 +432,70 @@ def test_a_folder_without_images_runs_a_features_only_study(things_inputs, featu
     res = _run_cli("validate-things", str(made["root"]))
     assert res.returncode == 2
     assert any("no image folder" in p for p in json.loads(res.stdout)["problems"])
+
+
+def _corrupt_release_row(made: dict) -> str:
+    """Set image1 of the 10th data row to 0 (indices are 1-based); returns the expected place."""
+    path = made["root"] / "triplets_large_final_correctednc_correctedorder.csv"
+    lines = path.read_text().splitlines()
+    fields = lines[10].split("\t")
+    header = lines[0].split("\t")
+    fields[header.index("image1")] = "0"
+    lines[10] = "\t".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+    return "line 11"
+
+
+def _orphan_image_line(made: dict, features: Path) -> str:
+    names = features.parent / "file_names.txt"
+    lines = names.read_text().splitlines()
+    lines[4] = "images/not_a_concept/not_a_concept_01b.jpg"
+    names.write_text("\n".join(lines) + "\n")
+    return "line 5"
+
+
+@pytest.mark.parametrize("case", ["release_table_bad_index", "thingsvision_unknown_image"])
+def test_recovery_study_reports_bad_input_in_one_line(things_inputs, tmp_path, case):
+    """`recovery study` on a bad release table or thingsvision list: exit code 2, one line on
+    stderr naming the file and the line, no traceback, nothing written past the failed step."""
+    from recovery_assets.sources.thingsvision import write_thingsvision_features
+
+    made = make_things_folder(tmp_path / "THINGS", triplet_form="release_table")
+    ids, b = made["ids"], things_inputs["b"]
+    tv = tmp_path / "tv"
+    names = [f"images/{u}/{u}_01b.jpg" for u in ids]
+    write_thingsvision_features(tv, b, names)
+    if case == "release_table_bad_index":
+        where, bad_file = _corrupt_release_row(made), "triplets_large_final_correctednc"
+    else:
+        where, bad_file = _orphan_image_line(made, tv / "features.npy"), "file_names.txt"
+    doc = yaml.safe_load(things_inputs["study"].read_text())
+    doc["things"]["root"] = str(made["root"])
+    doc["models"] = [
+        doc["models"][0],
+        {"name": "net_b", "source": "features", "file": str(tv / "features.npy"), "n_params": 7},
+        {"name": "net_d", "source": "features", "file": "net_b.npy", "n_params": 9},
+    ]
+    study = tmp_path / "bad.yaml"
+    study.write_text(yaml.safe_dump(doc))
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "RECOVERY_DATA": str(tmp_path / "data"),
+    }
+    res = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "recovery"), "study", "--study", str(study)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert err[0].startswith("recovery study: error: ") and bad_file in err[0] and where in err[0]
+    data = tmp_path / "data" / "things_e2e"
+    assert not (data / "generator_probes").exists()  # nothing past the failed step
+    assert not (data / "tables" / "generator_probes").exists()
