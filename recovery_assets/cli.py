@@ -379,6 +379,37 @@ def list_cmd(what: str) -> None:
             click.echo(f"  {name:<{width}}  {shipped.first_line(folder / (name + suffix))}")
 
 
+@main.command("estimate")
+@click.option("--study", "study_path", default=None, help=STUDY_HELP)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="the device to time the calibration fits on (cpu, cuda, cuda:N)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def estimate_cmd(study_path: str | None, device: str, as_json: bool) -> None:
+    """What the study will cost: partitions, fits, triplets, device-hours, peak memory, disk.
+
+    Counts come from the study file; the time per fit is measured on a short calibration sample
+    of real fits on the device (a minute or two).
+    """
+    import torch
+
+    from recovery_assets.core.probe import resolve_device
+    from recovery_assets.estimate import estimate_study, format_estimate
+
+    study = _open_study(study_path)
+    try:
+        dev = resolve_device(device)
+        torch.empty(0, device=dev)
+    except Exception as exc:  # noqa: BLE001
+        _fail("estimate", f"--device {device}: not usable here ({exc})")
+    log = (lambda s: None) if as_json else (lambda s: click.echo(f"  {s}", err=True))
+    est = estimate_study(study, dev, log=log)
+    click.echo(json.dumps(est, indent=2) if as_json else format_estimate(est))
+
+
 @main.command("validate-things")
 @click.argument("folder")
 @click.option("--n-concepts", type=int, default=None, help="expected concepts (THINGS: 1854)")
