@@ -27,9 +27,11 @@ test: lint
 bench: setup
 	$(PY) bench/probe_speed.py
 
-instance:
+# The instance, created and migrated once (under a lock) before any run.
+instance: setup
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/recovery instance
 
 # The whole default study (studies/demo.yaml, or $$RECOVERY_STUDY) into the persistent instance.
 demo: setup instance

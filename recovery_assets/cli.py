@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -83,16 +82,13 @@ def validate_probe_inputs(X, T, A, paths: dict[str, str]) -> None:
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
     """Write an .npy file so that it either appears whole or not at all."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    from recovery_assets.storage import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             np.save(fh, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 @click.group()
@@ -377,6 +373,18 @@ def list_cmd(what: str) -> None:
         width = max((len(n) for n in names), default=0)
         for name in names:
             click.echo(f"  {name:<{width}}  {shipped.first_line(folder / (name + suffix))}")
+
+
+@main.command("instance")
+def instance_cmd() -> None:
+    """Create (or migrate) the Dagster instance once: $DAGSTER_HOME, default ./dagster_home.
+
+    Safe to run from several processes at once (a file lock); run it before starting several
+    `dagster` commands on a new instance.
+    """
+    from recovery_assets.instance import ensure_home
+
+    click.echo(str(ensure_home()))
 
 
 @main.command("estimate")

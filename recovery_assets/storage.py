@@ -54,12 +54,23 @@ def data_root(study: Study, parent: str | os.PathLike | None = None) -> Path:
     return data_parent(parent) / study.name
 
 
-def _atomic(target: Path, write) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(target: str | os.PathLike, write) -> Path:
+    """Write ``target`` whole or not at all: ``write(tmp)`` fills a temporary file beside it,
+    which is then renamed into place. The file gets the usual permissions (0666 less the umask;
+    a temporary file alone would be private to its owner), so a group can share a data folder."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -107,7 +118,7 @@ class Store:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **payload)
 
-        return _atomic(target, write)
+        return atomic_write(target, write)
 
     def load_arrays(self, target: Path, what: str) -> tuple[dict[str, np.ndarray], dict]:
         if not target.is_file():
@@ -122,7 +133,7 @@ class Store:
             with open(tmp, "wb") as fh:
                 np.save(fh, array)
 
-        return _atomic(target, write)
+        return atomic_write(target, write)
 
     # ------------------------------------------------------------------ tables
     def table_path(self, table: str, partition: Mapping[str, Any] | None = None) -> Path:
@@ -132,7 +143,7 @@ class Store:
         self, table: str, df: pd.DataFrame, partition: Mapping[str, Any] | None = None
     ) -> Path:
         """Replace one partition's rows of a long table (atomically)."""
-        return _atomic(
+        return atomic_write(
             self.table_path(table, partition), lambda tmp: df.to_parquet(tmp, index=False)
         )
 
@@ -173,7 +184,7 @@ class Store:
             finally:
                 con.close()
 
-        return _atomic(self.db_path, write)
+        return atomic_write(self.db_path, write)
 
 
 def _jsonable(o):

@@ -127,3 +127,23 @@ def test_a_new_instance_gets_the_repository_settings(tmp_path, monkeypatch):
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # the user's own
     ensure_home()
     assert (home / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n"
+
+
+def test_four_commands_at_once_create_a_new_instance_once(tmp_path):
+    """Four `recovery instance` processes started together on a new DAGSTER_HOME all succeed
+    (unlocked, each would create the SQLite storage at the same moment and some would fail)."""
+    home = tmp_path / "home"
+    env = dict(os.environ, DAGSTER_HOME=str(home), HF_HUB_OFFLINE="1")
+    recovery = str(ROOT / ".venv" / "bin" / "recovery")
+    procs = [
+        subprocess.Popen([recovery, "instance"], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    assert all(out.strip() == str(home) for out in outs)
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs() == []
+    assert (home / "history" / "runs.db").is_file()

@@ -3,6 +3,8 @@ atomic writes and the data folder's location."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import duckdb
@@ -336,3 +338,21 @@ def test_rebuild_views_under_a_folder_with_a_quote_in_its_name(tmp_path):
     store.write_table("fits", frame("a", 10), {"model": "a", "n_train": 10})
     db = store.rebuild_views()
     assert query(db, "SELECT count(*) FROM fits") == [(3,)]
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    """Files take 0666 less the umask (a temporary file alone is private to its owner), so a
+    lab's group can share a data folder."""
+    old = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "d")
+        table = store.write_table("fits", frame("a", 10), {"model": "a"})
+        arrays = store.save_arrays(store.path("x.npz"), {"a": np.zeros(3)})
+        db = store.rebuild_views()
+        os.umask(0o002)
+        shared = store.save_npy(store.path("y.npy"), np.zeros(2))
+    finally:
+        os.umask(old)
+    for path in (table, arrays, db):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664
