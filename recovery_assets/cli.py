@@ -230,11 +230,15 @@ STUDY_HELP = "a study file, or the name of a shipped study (default: $RECOVERY_S
     help="run up to this many partitions of a stage at once, each in its own process "
     "(default with Dask: 4)",
 )
+@click.option(
+    "--force", is_flag=True, help="materialize every partition again, even those up to date"
+)
 def study_cmd(
     study_path: str | None,
     dask_scheduler: str | None,
     dask_workers: int | None,
     max_concurrent_runs: int | None,
+    force: bool,
 ) -> None:
     """Materialize the whole study into the Dagster instance and DuckDB.
 
@@ -242,12 +246,19 @@ def study_cmd(
     the results go to $RECOVERY_DATA/<study> (default: ./data/<study>). Without options every
     step runs in this one process, one partition after another; with them, each stage's
     partitions run as concurrent runs, their steps on Dask when asked.
+
+    It resumes: runs of this machine whose process died are marked failed (their pool slots
+    freed), and partitions already materialized and up to date are skipped (--force redoes
+    them). SIGTERM or SIGINT stops it within seconds, the current run marked failed.
     """
     import logging
+    import signal
 
     import dagster as dg
+    from dagster._core.errors import DagsterExecutionInterruptedError
 
     from recovery_assets.instance import ensure_home
+    from recovery_assets.liveness import free_dead_runs, stop_own_runs
     from recovery_assets.run import RunFailed, materialize_study, run_study
 
     study = _open_study(study_path)
@@ -261,46 +272,68 @@ def study_cmd(
     # the terminal gets one line per step; the runs' full logs are in the instance (make ui), and
     # a failure is reported below in one line
     logging.getLogger("dagster").setLevel(logging.CRITICAL)
-    if dask_scheduler or dask_workers or max_concurrent_runs:
-        cluster = None
-        dask = None
-        if dask_scheduler:
-            dask = {"cluster": {"existing": {"address": dask_scheduler}}}
-        elif dask_workers:
-            from distributed import LocalCluster
+    with dg.DagsterInstance.get() as instance:
+        free_dead_runs(instance, echo=click.echo)
 
-            resources = {"GPU": 1} if study.gpu_resource else None
-            cluster = LocalCluster(
-                n_workers=dask_workers,
-                threads_per_worker=1,
-                processes=True,
-                resources=resources,
-                dashboard_address=None,
-            )
-            dask = {"cluster": {"existing": {"address": cluster.scheduler_address}}}
-            click.echo(f"local Dask cluster: {dask_workers} workers at {cluster.scheduler_address}")
-        try:
+    def interrupted(signum, frame):  # SIGTERM (SLURM, kill) behaves like Ctrl-C
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    cluster = None
+    try:
+        if dask_scheduler or dask_workers or max_concurrent_runs:
+            dask = None
+            if dask_scheduler:
+                dask = {"cluster": {"existing": {"address": dask_scheduler}}}
+            elif dask_workers:
+                from distributed import LocalCluster
+
+                resources = {"GPU": 1} if study.gpu_resource else None
+                cluster = LocalCluster(
+                    n_workers=dask_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    resources=resources,
+                    dashboard_address=None,
+                )
+                dask = {"cluster": {"existing": {"address": cluster.scheduler_address}}}
+                click.echo(
+                    f"local Dask cluster: {dask_workers} workers at {cluster.scheduler_address}"
+                )
             store = run_study(
                 study,
                 echo=click.echo,
                 dask=dask,
                 max_concurrent_runs=max_concurrent_runs or 4,
                 log_level="CRITICAL",
+                force=force,
             )
-        except RunFailed as exc:
-            _fail("study", str(exc))
-        finally:
-            if cluster is not None:
-                cluster.close()
-    else:
+        else:
+            with dg.DagsterInstance.get() as instance:
+                store = materialize_study(
+                    study, instance, echo=click.echo, log_level="CRITICAL", force=force
+                )
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
         with dg.DagsterInstance.get() as instance:
-            try:
-                store = materialize_study(study, instance, echo=click.echo, log_level="CRITICAL")
-            except Exception as exc:  # noqa: BLE001 - bad input is reported, a bug re-raised
-                problem = input_error(exc)
-                if problem is None:
-                    raise
-                _fail("study", problem)
+            why = str(exc) or "SIGTERM or SIGINT"
+            stop_own_runs(instance, f"stopped by {why}")
+            free_dead_runs(instance, echo=lambda s: None)  # the run processes it stopped
+        click.echo(
+            f"recovery study: stopped by {why}; the current run is marked failed; run it again "
+            "to resume",
+            err=True,
+        )
+        sys.exit(130)
+    except RunFailed as exc:
+        _fail("study", str(exc))
+    except Exception as exc:  # noqa: BLE001 - bad input is reported, a bug re-raised
+        problem = input_error(exc)
+        if problem is None:
+            raise
+        _fail("study", problem)
+    finally:
+        if cluster is not None:
+            cluster.close()
     click.echo(f"\nrecovery curve ({store.db_path}):")
     _print_sql(store.db_path, _recipe("recovery_curve"))
     click.echo(f"\nplots: {store.path('plots')}/")

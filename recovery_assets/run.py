@@ -24,6 +24,7 @@ import dagster as dg
 from recovery_assets.defs import build_definitions
 from recovery_assets.defs.automation import STAGES, asset_keys, job_name
 from recovery_assets.defs.partitions import job_key
+from recovery_assets.liveness import Freshness, run_tags
 from recovery_assets.storage import Store, data_parent, data_root
 from recovery_assets.study import Study, load_study
 
@@ -34,9 +35,11 @@ def materialize_study(
     echo: Callable[[str], None] = print,
     storage_root: str | None = None,
     log_level: str = "INFO",
+    force: bool = True,
 ) -> Store:
     """Materialize every asset of ``study`` in order; ``storage_root`` is the parent of the
-    studies' data folders (default: $RECOVERY_DATA, else ./data). Returns the study's store."""
+    studies' data folders (default: $RECOVERY_DATA, else ./data). Without ``force``, a step whose
+    assets are all up to date (``liveness.Freshness``) is skipped. Returns the study's store."""
     defs = build_definitions(study)
     assets = list(defs.assets)
     resources = dict(defs.resources)
@@ -48,14 +51,18 @@ def materialize_study(
 
     def step(selection: list[str], partition_key=None) -> None:
         label = ", ".join(selection) + (f" [{partition_key}]" if partition_key else "")
+        keys = asset_keys(study, selection)
+        if not force and Freshness(instance, defs).fresh(keys, partition_key):
+            echo(f"  {label}: up to date, skipped")
+            return
         t = time.perf_counter()
         dg.materialize(
             assets,
-            selection=asset_keys(study, selection),
+            selection=keys,
             partition_key=partition_key,
             instance=instance,
             resources=resources,
-            tags={"study": study.name},
+            tags={"study": study.name, **run_tags()},
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
         echo(f"  {label}: {time.perf_counter() - t:.1f} s (total {time.perf_counter() - t0:.0f} s)")
@@ -107,12 +114,18 @@ def _execute_run(
     log_level: str,
 ) -> tuple[str, bool, str]:
     """One run, in its own process: (run id, success, the first failure's message)."""
+    import signal
+
+    def interrupted(signum, frame):  # SIGTERM stops the run like Ctrl-C (the run fails)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
     recon = dg.build_reconstructable_job(
         "recovery_assets.run", "study_job", reconstructable_args=(study_path, stage, dask_json)
     )
     job = recon.get_definition()
     study = load_study(study_path)
-    tags = {"study": study.name}
+    tags = {"study": study.name, **run_tags()}
     if partition is not None:
         tags.update(job.get_tags_for_partition_key(partition, selected_asset_keys=None))
     run_config = {
@@ -148,12 +161,14 @@ def run_study(
     dask: dict | None = None,
     max_concurrent_runs: int = 4,
     log_level: str = "WARNING",
+    force: bool = True,
 ) -> Store:
     """Materialize every stage of ``study`` in order; within a stage, up to
     ``max_concurrent_runs`` partitions run at once, each in its own process (spawned: torch and
     CUDA are never forked). ``dask``: dagster-dask's executor config for the runs' steps (None:
     the study's own execution settings). Stops at the first failed run of a stage (the runs
-    already started finish) and raises ``RunFailed``. The instance is $DAGSTER_HOME."""
+    already started finish) and raises ``RunFailed``. Without ``force``, partitions whose assets
+    are all up to date are skipped. The instance is $DAGSTER_HOME."""
     if max_concurrent_runs < 1:
         raise ValueError(f"max_concurrent_runs must be >= 1, got {max_concurrent_runs}")
     parent = str(data_parent(storage_root))
@@ -165,32 +180,63 @@ def run_study(
         f"{study.simulations} simulations; up to {max_concurrent_runs} runs at once, steps {where}"
     )
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max_concurrent_runs, mp_context=context) as pool:
-        for stage, partitions in stage_partitions(study):
-            t = time.perf_counter()
-            args = (str(study.path), stage)
-            pending = {
-                pool.submit(_execute_run, *args, key, dask_json, parent, log_level): key
-                for key in partitions
-            }
-            failures = []
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    key = pending.pop(future)
-                    if future.cancelled():
-                        continue
-                    run_id, ok, message = future.result()
-                    label = f"{stage}" + (f" [{key}]" if key else "")
-                    echo(f"  {label}: {'ok' if ok else 'FAILED'} (run {run_id[:8]})")
-                    if not ok:
-                        failures.append(f"{label}: {message}")
-                        for other in pending:  # runs not yet started are dropped
-                            other.cancel()
-            echo(
-                f"  {stage}: {len(partitions)} run(s), {time.perf_counter() - t:.1f} s "
-                f"(total {time.perf_counter() - t0:.0f} s)"
-            )
-            if failures:
-                raise RunFailed("; ".join(failures))
+    pool = ProcessPoolExecutor(max_workers=max_concurrent_runs, mp_context=context)
+    try:
+        return _run_stages(study, pool, echo, parent, dask_json, log_level, force, t0)
+    except BaseException:  # a signal or a failure: stop the run processes, then propagate
+        processes = list(getattr(pool, "_processes", {}).values())
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=30)
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_stages(study, pool, echo, parent, dask_json, log_level, force, t0) -> Store:
+    """Each stage's partitions as runs on ``pool``, stage after stage (see ``run_study``)."""
+    for stage, partitions in stage_partitions(study):
+        t = time.perf_counter()
+        if not force:
+            partitions = _stale(study, stage, partitions, echo)
+            if not partitions:
+                continue
+        args = (str(study.path), stage)
+        pending = {
+            pool.submit(_execute_run, *args, key, dask_json, parent, log_level): key
+            for key in partitions
+        }
+        failures = []
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                if future.cancelled():
+                    continue
+                run_id, ok, message = future.result()
+                label = f"{stage}" + (f" [{key}]" if key else "")
+                echo(f"  {label}: {'ok' if ok else 'FAILED'} (run {run_id[:8]})")
+                if not ok:
+                    failures.append(f"{label}: {message}")
+                    for other in pending:  # runs not yet started are dropped
+                        other.cancel()
+        echo(
+            f"  {stage}: {len(partitions)} run(s), {time.perf_counter() - t:.1f} s "
+            f"(total {time.perf_counter() - t0:.0f} s)"
+        )
+        if failures:
+            raise RunFailed("; ".join(failures))
     return Store(data_root(study, Path(parent)))
+
+
+def _stale(study: Study, stage: str, partitions: list, echo: Callable[[str], None]) -> list:
+    """The partitions of a stage that are not up to date (the others are reported skipped)."""
+    keys = asset_keys(study, next(k for name, k, _ in STAGES if name == stage))
+    with dg.DagsterInstance.get() as instance:
+        freshness = Freshness(instance, build_definitions(study))
+        todo = [p for p in partitions if not freshness.fresh(keys, p)]
+    skipped = len(partitions) - len(todo)
+    if skipped:
+        echo(f"  {stage}: {skipped} of {len(partitions)} partition(s) up to date, skipped")
+    return todo

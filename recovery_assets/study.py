@@ -8,6 +8,7 @@ load, and a bad file gives one error naming the file and the offending key.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -176,6 +177,41 @@ class Study:
         if features.suffix.lower() in (".hdf5", ".h5") or beside.is_file():
             return beside
         return None
+
+    @property
+    def code_version(self) -> str:
+        """The assets' code version: changes with the package version and with any setting that
+        changes results (not with where files live or how runs execute), so Dagster marks a
+        study's materializations stale when either changes."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            package = version("recovery-assets")
+        except PackageNotFoundError:  # pragma: no cover - a source tree without metadata
+            package = "0"
+        settings = (
+            self.kind,
+            self.models,
+            self.sizes,
+            self.simulations,
+            self.spec,
+            self.candidate_lambdas,
+            self.generator_lambdas,
+            self.generator_cv_folds,
+            self.generator_cv_seed,
+            self.generator_fit_on,
+            self.calibration_target,
+            sorted(self.stimuli.items()),
+            sorted((k, str(v)) for k, v in self.human.items()),
+            self.convention_reference,
+            sorted(self.regression.items()),
+            self.probe_dtype,
+            self.max_iter,
+            self.things.get("n_concepts"),
+            self.things.get("image_layout"),
+        )
+        digest = hashlib.sha256(repr((package, settings)).encode()).hexdigest()
+        return f"{package}-{digest[:12]}"
 
     @property
     def key_prefix(self) -> str:

@@ -76,7 +76,12 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     def key(name: str) -> dg.AssetKey:
         return dg.AssetKey([prefix, name])
 
-    @dg.asset(group_name=group("inputs"), key_prefix=prefix, kinds={"numpy", "parquet"})
+    @dg.asset(
+        group_name=group("inputs"),
+        key_prefix=prefix,
+        code_version=study.code_version,
+        kinds={"numpy", "parquet"},
+    )
     def stimuli(
         context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
@@ -87,6 +92,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     @dg.asset(
         group_name=group("inputs"),
         key_prefix=prefix,
+        code_version=study.code_version,
         partitions_def=models,
         deps=[stimuli],
         **gpu,
@@ -110,6 +116,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     @dg.asset(
         group_name=group("inputs"),
         key_prefix=prefix,
+        code_version=study.code_version,
         deps=human_deps,
         check_specs=[dg.AssetCheckSpec("convention_unambiguous", asset=key("human_judgements"))],
     )
@@ -136,6 +143,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     @dg.asset(
         group_name=group("generators"),
         key_prefix=prefix,
+        code_version=study.code_version,
         partitions_def=models,
         deps=[embeddings, human_judgements],
         **gpu,
@@ -164,6 +172,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     @dg.asset(
         group_name=group("recovery"),
         key_prefix=prefix,
+        code_version=study.code_version,
         partitions_def=jobs,
         deps=[
             dg.AssetDep(generator_probes, partition_mapping=BY_MODEL),
@@ -192,6 +201,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     @dg.asset(
         group_name=group("recovery"),
         key_prefix=prefix,
+        code_version=study.code_version,
         partitions_def=jobs,
         deps=[
             synthetic_datasets,
@@ -215,6 +225,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     @dg.asset(
         group_name=group("recovery"),
         key_prefix=prefix,
+        code_version=study.code_version,
         partitions_def=sizes,
         deps=[dg.AssetDep(candidate_scores, partition_mapping=BY_SIZE)],
         check_specs=[dg.AssetCheckSpec("rows_sum_to_simulations", asset=key("recovery_matrix"))],
@@ -250,7 +261,12 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         }
         return _finish(store, meta, [check])
 
-    @dg.asset(group_name=group("summary"), key_prefix=prefix, deps=[embeddings, generator_probes])
+    @dg.asset(
+        group_name=group("summary"),
+        key_prefix=prefix,
+        code_version=study.code_version,
+        deps=[embeddings, generator_probes],
+    )
     def model_properties(
         context: dg.AssetExecutionContext, storage: StorageResource
     ) -> dg.MaterializeResult:
@@ -260,7 +276,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, {"table": dg.MetadataValue.md(df.to_markdown(index=False))})
 
     @dg.asset(
-        group_name=group("summary"), key_prefix=prefix, deps=[recovery_matrix, generator_probes]
+        group_name=group("summary"),
+        key_prefix=prefix,
+        code_version=study.code_version,
+        deps=[recovery_matrix, generator_probes],
     )
     def recovery_curve(storage: StorageResource) -> dg.MaterializeResult:
         """Recovery accuracy vs training size (plot and table); human accuracy vs recovery."""
@@ -287,7 +306,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, meta)
 
     @dg.asset(
-        group_name=group("summary"), key_prefix=prefix, deps=[candidate_scores, model_properties]
+        group_name=group("summary"),
+        key_prefix=prefix,
+        code_version=study.code_version,
+        deps=[candidate_scores, model_properties],
     )
     def misidentification_regression(storage: StorageResource) -> dg.MaterializeResult:
         """§8 coefficients, bootstrap CIs, Bonferroni p values and VIFs at the largest N."""
