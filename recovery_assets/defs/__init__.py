@@ -1,10 +1,10 @@
 """The Dagster layer: definitions built from one or several study files ($RECOVERY_STUDY).
 
 Every study's assets carry its name as their key prefix (``demo/stimuli``, ``things/stimuli``),
-its jobs and schedule its name as a prefix, and its runs a ``study`` tag, so any number of studies
+its jobs its name as a prefix, and its runs a ``study`` tag, so any number of studies
 share one instance (and one UI) without sharing materialization state. A study's runs execute in
 one process or on Dask (the study's ``execution`` settings, or ``$RECOVERY_DASK_SCHEDULER`` for
-the whole instance), the same for the UI, backfills, the schedule and ``recovery study``.
+the whole instance), the same for the UI, backfills, automation and ``recovery study``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import dagster as dg
 
 from recovery_assets.defs.assets import build_assets
-from recovery_assets.defs.automation import build_executor, build_jobs, build_schedule
+from recovery_assets.defs.automation import build_executor, build_jobs
 from recovery_assets.defs.resources import DeviceResource, StorageResource
 from recovery_assets.study import Study, StudyError, load_study, study_paths
 
@@ -32,14 +32,13 @@ def build_definitions(
     slugs = [s.slug for s in studies]
     if len(set(slugs)) != len(slugs):
         raise StudyError(f"studies in one code location need distinct names, got {names}")
-    assets, jobs, schedules, executors = [], [], [], []
+    assets, jobs, executors = [], [], []
     for study in studies:
         executor = build_executor(study, dask)
         executors.append((dask or study.dask_config(), executor))
         study_jobs = build_jobs(study, executor)
         assets += build_assets(study, on_dask=executor is not dg.in_process_executor)
         jobs += list(study_jobs.values())
-        schedules.append(build_schedule(study, study_jobs["recovery_jobs_job"]))
     # runs launched from the asset graph (not a study job) use the studies' executor when they
     # all agree, else one process
     configs = {repr(c) for c, _ in executors}
@@ -47,7 +46,6 @@ def build_definitions(
     return dg.Definitions(
         assets=assets,
         jobs=jobs,
-        schedules=schedules,
         resources={"device": DeviceResource(), "storage": StorageResource()},
         executor=default,
     )

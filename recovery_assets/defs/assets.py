@@ -46,8 +46,21 @@ def _finish(store, metadata: dict, check_results=None) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=_plain(metadata), check_results=check_results or [])
 
 
-def _check(name: str, passed, metadata: dict) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=_plain(metadata))
+def _check(name: str, passed, metadata: dict, warn: bool = False) -> dg.AssetCheckResult:
+    severity = dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR
+    return dg.AssetCheckResult(
+        check_name=name, passed=bool(passed), metadata=_plain(metadata), severity=severity
+    )
+
+
+# Transient failures of the steps that run networks or fit probes (a killed worker, a device out
+# of memory) are retried a bounded number of times.
+FIT_RETRIES = dg.RetryPolicy(max_retries=2, delay=10)
+# The recovery assets are requested by Dagster's declarative automation (the daemon's automation
+# sensor): a partition whose inputs are all present is requested once, not again while it runs
+# or after it fails (the retry policy bounds the retries), and again when an input is updated;
+# the recovery matrices follow their candidate scores.
+AUTOMATION = dg.AutomationCondition.eager()
 
 
 def gpu_step(study: Study, on_dask: bool) -> dict:
@@ -96,6 +109,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         partitions_def=models,
         deps=[stimuli],
         **gpu,
+        retry_policy=FIT_RETRIES,
         kinds={"torch"},
     )
     def embeddings(
@@ -118,7 +132,11 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         key_prefix=prefix,
         code_version=study.code_version,
         deps=human_deps,
-        check_specs=[dg.AssetCheckSpec("convention_unambiguous", asset=key("human_judgements"))],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "convention_unambiguous", asset=key("human_judgements"), blocking=True
+            )
+        ],
     )
     def human_judgements(
         context: dg.AssetExecutionContext, storage: StorageResource
@@ -147,8 +165,11 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         partitions_def=models,
         deps=[embeddings, human_judgements],
         **gpu,
+        retry_policy=FIT_RETRIES,
         check_specs=[
-            dg.AssetCheckSpec("calibrated_to_noise_ceiling", asset=key("generator_probes"))
+            dg.AssetCheckSpec(
+                "calibrated_to_noise_ceiling", asset=key("generator_probes"), blocking=True
+            )
         ],
     )
     def generator_probes(
@@ -180,8 +201,11 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             human_judgements,
         ],
         check_specs=[
-            dg.AssetCheckSpec("self_agreement_in_99_interval", asset=key("synthetic_datasets"))
+            dg.AssetCheckSpec(
+                "self_agreement_in_99_interval", asset=key("synthetic_datasets"), blocking=True
+            )
         ],
+        automation_condition=AUTOMATION,
     )
     def synthetic_datasets(
         context: dg.AssetExecutionContext, storage: StorageResource
@@ -208,6 +232,9 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             dg.AssetDep(embeddings, partition_mapping=dg.AllPartitionMapping()),
         ],
         **gpu,
+        retry_policy=FIT_RETRIES,
+        automation_condition=AUTOMATION,
+        check_specs=[dg.AssetCheckSpec("fits_converged", asset=key("candidate_scores"))],
     )
     def candidate_scores(
         context: dg.AssetExecutionContext,
@@ -220,7 +247,13 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         info = pipeline.build_scores(
             study, store, model, n_train, device.torch_device(study), context.log.info
         )
-        return _finish(store, info)
+        check = _check(  # a warning: fits stopped at max_iter are flagged, not fatal
+            "fits_converged",
+            info["not_converged"] == 0,
+            {"not_converged": info["not_converged"], "fits": info["n_fits"]},
+            warn=True,
+        )
+        return _finish(store, info, [check])
 
     @dg.asset(
         group_name=group("recovery"),
@@ -228,6 +261,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         code_version=study.code_version,
         partitions_def=sizes,
         deps=[dg.AssetDep(candidate_scores, partition_mapping=BY_SIZE)],
+        automation_condition=AUTOMATION,
         check_specs=[dg.AssetCheckSpec("rows_sum_to_simulations", asset=key("recovery_matrix"))],
     )
     def recovery_matrix(

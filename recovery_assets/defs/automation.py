@@ -1,8 +1,11 @@
-"""Jobs (one per partitioning of the graph, in study order) and the catch-up schedule."""
+"""Jobs (one per partitioning of the graph, in study order) and their executor.
+
+What is requested on its own is declared on the assets themselves (``defs.assets.AUTOMATION``:
+Dagster's declarative automation, evaluated by the daemon's automation sensor), not here.
+"""
 
 import dagster as dg
 
-from recovery_assets.defs.partitions import job_key, job_partitions
 from recovery_assets.study import Study
 
 # (job name, asset keys, partitioning) in the order the study runs them. The human judgements come
@@ -51,46 +54,3 @@ def build_jobs(study: Study, executor: dg.ExecutorDefinition | None = None) -> d
             description=f"study {study.name}: materialize {', '.join(keys)}",
         )
     return jobs
-
-
-def missing_job_partitions(instance: dg.DagsterInstance, study: Study) -> list[str]:
-    """(model, N) keys whose candidate scores are missing but whose generator probe exists."""
-    scores, probes = asset_keys(study, ["candidate_scores", "generator_probes"])
-    done = instance.get_materialized_partitions(scores)
-    ready = instance.get_materialized_partitions(probes)
-    keys = []
-    for n in study.sizes:
-        for m in study.model_names:
-            key = str(job_key(m, n))
-            if key not in done and m in ready:
-                keys.append(key)
-    return keys
-
-
-def build_schedule(study: Study, job) -> dg.ScheduleDefinition:
-    """Every 15 minutes: request runs for the (model, N) partitions not yet materialized.
-
-    (build_schedule_from_partitioned_job rejects static x static partitions, so it is written
-    out: it asks the instance what is missing and requests one run per missing key.)"""
-    partitions = job_partitions(study)
-
-    @dg.schedule(
-        name=job_name(study, "catch_up_recovery_jobs"),
-        cron_schedule="*/15 * * * *",
-        job=job,
-        default_status=dg.DefaultScheduleStatus.STOPPED,
-    )
-    def catch_up(context: dg.ScheduleEvaluationContext):
-        missing = missing_job_partitions(context.instance, study)
-        if not missing:
-            return dg.SkipReason("every (model, N) partition with a generator probe is done")
-        return [
-            dg.RunRequest(
-                run_key=f"{key}",
-                partition_key=partitions.get_partition_key_from_str(key),
-                tags={"study": study.name},
-            )
-            for key in missing
-        ]
-
-    return catch_up
