@@ -178,14 +178,22 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
 
 def input_error(exc: BaseException) -> str | None:
     """The message of the bad-input error (a malformed file, a study setting, data that do not
-    match) behind a failed step, or None when the failure is something else."""
+    match) or full disk behind a failed step, or None when the failure is something else."""
     from recovery_assets.pipeline import SyntheticDataMismatch
     from recovery_assets.sources.features import FeatureFileError
     from recovery_assets.sources.human import HumanDataError
     from recovery_assets.sources.things import ThingsDataError
+    from recovery_assets.storage import DiskFullError
     from recovery_assets.study import StudyError
 
-    kinds = (StudyError, ThingsDataError, FeatureFileError, HumanDataError, SyntheticDataMismatch)
+    kinds = (
+        StudyError,
+        ThingsDataError,
+        FeatureFileError,
+        HumanDataError,
+        SyntheticDataMismatch,
+        DiskFullError,
+    )
     seen = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:

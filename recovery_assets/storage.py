@@ -22,6 +22,7 @@ write lock that another run could fight over.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -54,6 +55,13 @@ def data_root(study: Study, parent: str | os.PathLike | None = None) -> Path:
     return data_parent(parent) / study.name
 
 
+class DiskFullError(OSError):
+    """A write ran out of space; the file it was replacing is untouched."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -72,6 +80,16 @@ def atomic_write(target: str | os.PathLike, write) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                exc.errno,
+                f"{target}: the disk is full (no space left while writing it); nothing was "
+                f"replaced: the previous version, if any, is intact. Free space in "
+                f"{target.parent} and materialize again",
+            ) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -356,3 +356,55 @@ def test_files_get_the_usual_permissions(tmp_path):
     for path in (table, arrays, db):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+
+
+def test_a_full_disk_keeps_the_previous_version(tmp_path, monkeypatch):
+    """A write that runs out of space (ENOSPC, injected after half the bytes were written) is one
+    clear error naming the file; the partition's previous version stays whole and queryable, and
+    no temporary file is left behind."""
+    import errno
+
+    store = Store(tmp_path / "d")
+    part = {"model": "a", "n_train": 10}
+    store.write_table("fits", frame("a", 10), part)
+    store.rebuild_views()
+    before = store.table_path("fits", part).read_bytes()
+
+    real = pd.DataFrame.to_parquet
+
+    def full_disk(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])  # the disk filled up half way
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_disk)
+    with pytest.raises(storage.DiskFullError) as info:
+        store.write_table("fits", frame("a", 99), part)
+    message = str(info.value)
+    assert message.startswith(str(store.table_path("fits", part)))
+    assert "disk is full" in message and "previous version" in message
+    assert store.table_path("fits", part).read_bytes() == before
+    assert not list(store.path("tables").rglob("*.tmp"))
+    assert query(store.db_path, "SELECT count(*) FROM fits") == [(3,)]  # still answers
+
+
+def test_a_full_disk_in_a_step_is_one_line_from_recovery_study(tmp_path):
+    """The CLI reports a full disk met by a step as one line (exit 2), no traceback."""
+    from click.testing import CliRunner
+
+    from recovery_assets import cli
+
+    def full(target, write):
+        raise storage.DiskFullError(28, f"{target}: the disk is full (injected)")
+
+    runner = CliRunner()
+    env = {"DAGSTER_HOME": str(tmp_path / "home"), "RECOVERY_DATA": str(tmp_path / "data")}
+    original = storage.atomic_write
+    storage.atomic_write = full
+    try:
+        res = runner.invoke(cli.main, ["study", "--study", "tiny"], env=env)
+    finally:
+        storage.atomic_write = original
+    assert res.exit_code == 2, res.output
+    assert "the disk is full (injected)" in res.stderr and "Traceback" not in res.stderr
