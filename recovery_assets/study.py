@@ -545,6 +545,16 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
     """Load and validate a study file (default: ``$RECOVERY_STUDY`` or the shipped demo); a
     shipped study can be named instead of given by path."""
     path = study_path(path)
+    try:
+        return _load(path)
+    except StudyError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        # a value of an unexpected type deep in the file: still one error naming the file
+        raise StudyError(f"{path}: malformed setting ({type(exc).__name__}: {exc})") from None
+
+
+def _load(path: Path) -> Study:
     doc = _read_doc(path)
     name = _get(doc, "name", path, str)
     if not _NAME.match(name):
@@ -571,6 +581,9 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
         raise StudyError(f"{path}: sizes has duplicates: {sizes}")
     sims = _int(doc, "simulations", path, minimum=1)
     probe = _map(doc, "probe", path, {})
+    for key in ("family", "penalty"):
+        if key in probe and not isinstance(probe[key], str):
+            raise StudyError(f"{path}: probe.{key} must be a string, got {probe[key]!r}")
     try:
         spec = ProbeSpec.parse(probe.get("family", "full"), probe.get("penalty", "shrinkage"))
     except ValueError as exc:
