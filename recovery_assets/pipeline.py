@@ -15,6 +15,7 @@ import torch
 from recovery_assets.core import geometry, regression
 from recovery_assets.core.generator import fit_generator_probe, triplet_logits
 from recovery_assets.core.probe import features_for
+from recovery_assets.core.progress import Progress
 from recovery_assets.core.recovery import recovery_metrics, select_and_score
 from recovery_assets.core.scoring import score_candidates
 from recovery_assets.core.simulation import (
@@ -602,25 +603,122 @@ def load_synthetic(
 
 
 # ----------------------------------------------------------------------------- candidates
-def build_scores(study: Study, store: Store, model: str, n_train: int, device, log: Log) -> dict:
+def synthetic_bytes(n_train: int, n_folds: int = 3) -> int:
+    """Memory of one simulation's regenerated rows: per fold N training and 2 x round(N/8)
+    evaluation triplets, each 3 int64 concepts and an int8 answer (about 400 MB at N = 4.2M)."""
+    per_row = 3 * 8 + 1
+    return n_folds * per_row * (int(n_train) + 2 * round(int(n_train) / 8))
+
+
+def score_groups(
+    simulations: int, n_train: int, budget: float | None, n_folds: int = 3
+) -> list[list[int]]:
+    """The simulations of a job in groups whose regenerated rows take at most half of ``budget``
+    bytes (the other half is the fitter's); all in one group without a budget."""
+    sims = list(range(simulations))
+    if budget is None or not sims:
+        return [sims] if sims else []
+    size = int(max(1, min(simulations, (budget / 2) // synthetic_bytes(n_train, n_folds))))
+    return [sims[i : i + size] for i in range(0, simulations, size)]
+
+
+def _memory_budget(fraction: float) -> float | None:
+    """``fraction`` of the memory available now (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return fraction * int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def build_scores(
+    study: Study,
+    store: Store,
+    model: str,
+    n_train: int,
+    device,
+    log: Log,
+    *,
+    memory_budget: float | None = 0.5,
+    group_size: int | None = None,
+    progress_every: float = 30.0,
+) -> dict:
+    """The candidate fits and selections of one job (docs/method.md §7), in bounded memory.
+
+    The simulations are regenerated (``load_synthetic``, verified against the recipe) and fitted
+    in groups: a group's rows take at most half of the budget (``memory_budget`` of the
+    available memory, like ``fit_probes``; None: no bound) and the fitter gets the rest
+    (``score_candidates`` fits its problems in chunks when they would not fit in it). At small N
+    the whole job is one group and one batched call, as before; at large N (about 400 MB of rows
+    per simulation at N = 4.2M) the groups and chunks keep the memory bounded, and every fit is
+    typically a batch of its own there on the CPU (then grouping changes nothing that is fitted).
+    ``group_size`` fixes the simulations per group instead (tests: on the tiny study one
+    simulation per group gives the same table as all at once). Progress lines (done / total,
+    rate, time left) go to ``log`` at least every ``progress_every`` seconds while data are
+    regenerated and probes fitted.
+    """
     features = {m: load_features(store, m) for m in study.model_names}
-    sims = load_synthetic(study, store, model, n_train)  # regenerated and verified
+    lam_grid = study.candidate_lambdas if study.spec.fitted else [0.0]
+    n_sims = study.simulations
+    budget = _memory_budget(memory_budget) if memory_budget is not None else None
+    if group_size is not None:
+        groups = [
+            list(range(i, min(i + int(group_size), n_sims)))
+            for i in range(0, n_sims, int(group_size))
+        ]
+    else:
+        groups = score_groups(n_sims, n_train, budget)
+    fit_budget = None
+    if budget is not None:
+        fit_budget = budget - max(len(g) for g in groups) * synthetic_bytes(n_train)
+    job = f"{model}|{n_train}"
     log(
-        f"fitting {len(features)} candidates x {len(study.candidate_lambdas)} lambdas x "
-        f"{len(sims[0])} folds x {len(sims)} simulations"
+        f"fitting {len(features)} candidates x {len(lam_grid)} lambdas x 3 folds x {n_sims} "
+        f"simulations, in {len(groups)} group(s) of at most {max(len(g) for g in groups)} "
+        f"simulation(s)"
+        + (f" (memory budget {budget / 2**30:.1f} GiB)" if budget is not None else "")
     )
-    fits = score_candidates(
-        features,
-        dict(enumerate(sims)),
-        study.candidate_lambdas,
-        study.spec,
-        generator=model,
-        device=device,
-        dtype=_dtype(study),
-        max_iter=study.max_iter,
-        log=log,
+    regen = Progress(
+        n_sims,
+        log,
+        progress_every,
+        label=f"{job}: regenerating synthetic data",
+        unit="simulations",
+        step_unit="simulations",
     )
-    fits = fits.assign(n_train=n_train)
+    fitting = Progress(
+        n_sims * 3 * len(features) * len(lam_grid),
+        log,
+        progress_every,
+        label=f"{job}: fitting candidates ({study.spec.name}/{study.spec.penalty})",
+    )
+    parts = []
+    for group in groups:
+        sims = {}
+        with regen.ticking():
+            for s in group:  # one simulation at a time: a progress line between them
+                sims[s] = load_synthetic(study, store, model, n_train, [s])[0]
+                regen.advance(1, 1)
+        parts.append(
+            score_candidates(
+                features,
+                sims,
+                study.candidate_lambdas,
+                study.spec,
+                generator=model,
+                device=device,
+                dtype=_dtype(study),
+                max_iter=study.max_iter,
+                log=log,
+                memory_budget=fit_budget,
+                progress=fitting,
+            )
+        )
+        del sims
+    fits = pd.concat(parts, ignore_index=True).assign(n_train=n_train)
     selections = []
     winners = {}
     for crit in CRITERIA:

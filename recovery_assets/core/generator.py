@@ -98,7 +98,12 @@ def fit_generator_probe(
     if log:
         log(f"refitting on all {len(trip)} training triplets at lambda={best:g}")
     fit = fit_probes(
-        [FitProblem(X, trip, ans, [best])], spec, device=device, dtype=dtype, max_iter=max_iter
+        [FitProblem(X, trip, ans, [best])],
+        spec,
+        device=device,
+        dtype=dtype,
+        max_iter=max_iter,
+        log=log,  # progress lines during the (long) refit on every human judgement
     )[0][0]
     W = fit.matrix()
     Z = features_for(spec, np.asarray(X, dtype=np.float64)) @ W.T.astype(np.float64)

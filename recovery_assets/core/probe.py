@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from recovery_assets.core import optim
+from recovery_assets.core.progress import Progress
 
 CPU_BATCH_FLOPS = 4e8  # target work of one stacked evaluation on the CPU
 # Reduced problems of r >= PAD_MIN coordinates are padded with zero columns to a multiple of
@@ -731,6 +732,8 @@ def fit_probes(
     memory_budget: float = 0.5,
     workers: int | None = None,
     log: Callable[[str], None] | None = None,
+    progress_every: float = 30.0,
+    progress: Progress | None = None,
 ) -> list[list[FittedProbe]]:
     """Fit every problem at every one of its lambdas, from the identity; returns fits[problem][lam].
 
@@ -743,6 +746,11 @@ def fit_probes(
     concurrently on ``workers`` threads (``_run_batches``; default on the CPU: one per torch
     intra-op thread, no more than fit in ``memory_budget`` of the available memory; on a GPU:
     1, one batch after another).
+
+    ``log`` gets one line per finished batch and, at most every ``progress_every`` seconds while
+    batches run, a progress line (fits done of all, iterations per second, estimated time left;
+    :class:`~recovery_assets.core.progress.Progress`). A caller fitting in several calls passes
+    its own ``progress`` (whose total covers them all): the fits are counted into it instead.
     """
     device = resolve_device(device)
     reduce = _uses_reduction(spec)
@@ -761,7 +769,14 @@ def fit_probes(
             out[i] = [FittedProbe(spec, float(lam), "identity", p) for lam in problem.lams]
         return out
     n_total = sum(len(pr.lams) for pr in problems)
-    contexts = [_prepare(pr, spec, device, dtype, reduce) for pr in problems]
+    if progress is None:
+        progress = Progress(
+            n_total, log, progress_every, label=f"fitting {spec.name}/{spec.penalty}"
+        )
+    contexts = []
+    for pr in problems:  # a large problem takes seconds to prepare: keep reporting
+        contexts.append(_prepare(pr, spec, device, dtype, reduce))
+        progress.advance()
 
     # Work units (problem, lambda positions) are packed into batches of at most `limit` fits.
     # Reduced problems of similar size are stacked with padding (sorted by size, so padding is
@@ -834,12 +849,22 @@ def fit_probes(
         batches.append(cur)
     results: list[list[FittedProbe | None]] = [[None] * len(pr.lams) for pr in problems]
 
+    iter_cap = max_iter * 5 if spec.penalty == "l1" else max_iter  # the optimiser's own cap
+
     def run(units):
         ctx = _merge([contexts[i] for i, _ in units])
         lams = [float(problems[i].lams[b]) for i, pos in units for b in pos]
         gid = [g for g, (_, pos) in enumerate(units) for _ in pos]
+        key = id(units)
+
+        def tick(it: int, active: int) -> None:
+            # running fits count as done up to it / cap (a lower bound: most stop earlier)
+            part = len(lams) - active + active * min(it / max(iter_cap, 1), 1.0)
+            progress.running(key, part, steps=1)
+
         t0 = time.perf_counter()
-        fits = _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid)
+        with progress.ticking():  # lines also while a batch starts (scale search: ~1 min at 4M)
+            fits = _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid, progress=tick)
         return units, fits, time.perf_counter() - t0
 
     done = 0
@@ -857,6 +882,7 @@ def fit_probes(
                 fit.seconds = secs / len(fits)
                 results[i][b] = fit
         done += len(fits)
+        progress.advance(len(fits), running=id(units))
         if log is not None:
             its = [f.iterations for f in fits]
             log(
@@ -1077,19 +1103,25 @@ def _fit_context(
     rel_tol: float,
     history: int,
     gid: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[FittedProbe]:
+    """Fit the batch; ``progress(iteration, active fits)`` is called after every iteration."""
     gid = gid if gid is not None else [0] * len(lams)
     obj = _objective(ctx, spec, lams, gid)
     smooth, x0, lam = obj.smooth, obj.x0, obj.lam
     family, penalty = spec.family, spec.penalty
     if penalty == "l1":
-        res = optim.proximal_gradient(smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol)
+        res = optim.proximal_gradient(
+            smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol, progress=progress
+        )
     else:
         if family != "rank":  # W = c I (diagonal: w = c 1) is free under shrinkage: find c
             L0, v0, ans, w = obj.start()
             t = _scale_search(L0, ans, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
-        res = optim.lbfgs(obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol)
+        res = optim.lbfgs(
+            obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol, progress=progress
+        )
 
     fits = []
     for b, lam_b in enumerate(lams):
