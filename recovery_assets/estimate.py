@@ -7,8 +7,9 @@ sizes N, the project's own batched fitter (``fit_probes``) runs
 
 - complete fits at each of the study's candidate lambdas on a problem of N triplets (up to
   ``iteration_n``): the iteration counts those lambdas need;
-- a few iterations at the real N (up to ``timing_n``): the seconds per iteration of one fit in a
-  batch as large as a recovery job's;
+- a few iterations at the real N (up to ``timing_n``, 2^20; beyond it the time per iteration
+  is extrapolated along the slope in log-log of the two largest timed sizes, close to linear
+  in N there): the seconds per iteration of one fit in a batch as large as a recovery job's;
 
 on realistic problems: features with a power-law spectrum (singular values ~ k^-0.75, rectified,
 fixed mean squared norm) and answers sampled from a calibrated generator that shares most of its
@@ -210,7 +211,7 @@ def calibrate(
     n: int,
     *,
     iteration_n: int = 6_400,
-    timing_n: int = 4_200_000,
+    timing_n: int = 1_048_576,
     batch: int = 8,
     max_iter: int = 1000,
     log: Callable[[str], None] = lambda s: None,
