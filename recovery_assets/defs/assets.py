@@ -83,16 +83,19 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     gpu = gpu_step(study, on_dask)
     prefix = study.key_prefix
 
-    def group(name: str) -> str:
-        return f"{study.slug}_{name}"
+    def placed(group: str) -> dict:
+        """Where an asset belongs: its study's key prefix and group, its study's code version."""
+        return {
+            "group_name": f"{study.slug}_{group}",
+            "key_prefix": prefix,
+            "code_version": study.code_version,
+        }
 
     def key(name: str) -> dg.AssetKey:
         return dg.AssetKey([prefix, name])
 
     @dg.asset(
-        group_name=group("inputs"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("inputs"),
         kinds={"numpy", "parquet"},
     )
     def stimuli(
@@ -103,9 +106,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, pipeline.build_stimuli(study, store, context.log.info))
 
     @dg.asset(
-        group_name=group("inputs"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("inputs"),
         partitions_def=models,
         deps=[stimuli],
         **gpu,
@@ -128,9 +129,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     human_deps = [stimuli] if study.convention_reference == "pixels" else [stimuli, embeddings]
 
     @dg.asset(
-        group_name=group("inputs"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("inputs"),
         deps=human_deps,
         check_specs=[
             dg.AssetCheckSpec(
@@ -159,9 +158,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, meta, [check])
 
     @dg.asset(
-        group_name=group("generators"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("generators"),
         partitions_def=models,
         deps=[embeddings, human_judgements],
         **gpu,
@@ -191,9 +188,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, row, [check])
 
     @dg.asset(
-        group_name=group("recovery"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("recovery"),
         partitions_def=jobs,
         deps=[
             dg.AssetDep(generator_probes, partition_mapping=BY_MODEL),
@@ -223,9 +218,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, meta, [check])
 
     @dg.asset(
-        group_name=group("recovery"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("recovery"),
         partitions_def=jobs,
         deps=[
             synthetic_datasets,
@@ -256,9 +249,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, info, [check])
 
     @dg.asset(
-        group_name=group("recovery"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("recovery"),
         partitions_def=sizes,
         deps=[dg.AssetDep(candidate_scores, partition_mapping=BY_SIZE)],
         automation_condition=AUTOMATION,
@@ -296,9 +287,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, meta, [check])
 
     @dg.asset(
-        group_name=group("summary"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("summary"),
         deps=[embeddings, generator_probes],
     )
     def model_properties(
@@ -310,9 +299,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, {"table": dg.MetadataValue.md(df.to_markdown(index=False))})
 
     @dg.asset(
-        group_name=group("summary"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("summary"),
         deps=[recovery_matrix, generator_probes],
     )
     def recovery_curve(storage: StorageResource) -> dg.MaterializeResult:
@@ -340,9 +327,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, meta)
 
     @dg.asset(
-        group_name=group("summary"),
-        key_prefix=prefix,
-        code_version=study.code_version,
+        **placed("summary"),
         deps=[candidate_scores, model_properties],
     )
     def misidentification_regression(storage: StorageResource) -> dg.MaterializeResult:
