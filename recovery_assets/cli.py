@@ -179,21 +179,9 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
 def input_error(exc: BaseException) -> str | None:
     """The message of the bad-input error (a malformed file, a study setting, data that do not
     match) or full disk behind a failed step, or None when the failure is something else."""
-    from recovery_assets.pipeline import SyntheticDataMismatch
-    from recovery_assets.sources.features import FeatureFileError
-    from recovery_assets.sources.human import HumanDataError
-    from recovery_assets.sources.things import ThingsDataError
-    from recovery_assets.storage import DiskFullError
-    from recovery_assets.study import StudyError
+    from recovery_assets.errors import input_errors
 
-    kinds = (
-        StudyError,
-        ThingsDataError,
-        FeatureFileError,
-        HumanDataError,
-        SyntheticDataMismatch,
-        DiskFullError,
-    )
+    kinds = input_errors()
     seen = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
@@ -265,6 +253,7 @@ def study_cmd(
     import dagster as dg
     from dagster._core.errors import DagsterExecutionInterruptedError
 
+    from recovery_assets.defs.assets import TERMINAL_ENV
     from recovery_assets.instance import ensure_home
     from recovery_assets.liveness import free_dead_runs, stop_own_runs
     from recovery_assets.run import RunFailed, materialize_study, run_study
@@ -282,6 +271,7 @@ def study_cmd(
     logging.getLogger("dagster").setLevel(logging.CRITICAL)
     with dg.DagsterInstance.get() as instance:
         free_dead_runs(instance, echo=click.echo)
+    os.environ[TERMINAL_ENV] = "1"  # the steps' progress lines reach this terminal too
 
     def interrupted(signum, frame):  # SIGTERM (SLURM, kill) behaves like Ctrl-C
         raise KeyboardInterrupt(signal.Signals(signum).name)

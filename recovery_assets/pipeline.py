@@ -26,7 +26,7 @@ from recovery_assets.core.simulation import (
 )
 from recovery_assets.core.triplets import human_rows_to_positions, triplet_keys
 from recovery_assets.storage import Store
-from recovery_assets.study import Study
+from recovery_assets.study import Study, StudyError
 
 Log = Callable[[str], None]
 CRITERIA = ("accuracy", "nll")
@@ -159,7 +159,7 @@ def build_embeddings(study: Study, store: Store, model: str, device, log: Log) -
                 _, images = load_stimuli(store)
                 X, info = timm_features.extract_features(entry.arch, images, **common)
         except ValueError as exc:  # unknown architecture/layer, weights missing or not fitting
-            raise ValueError(f"{study.path}: model {model!r}: {exc}") from exc
+            raise StudyError(f"{study.path}: model {model!r}: {exc}") from exc
         n_params = int(info["n_params"])
     if not np.isfinite(X).all():
         raise ValueError(f"embeddings[{model}]: the features hold NaN or inf")

@@ -93,6 +93,9 @@ def test_tiny_study_runs_from_another_directory(installed):
     work, env = installed["work"], installed["env"]
     out = _ok(_run([recovery, "study", "--study", "tiny"], work, env))
     assert "recovery curve" in out
+    # one line per step, and (indented, as they run) the steps' own progress lines
+    assert "  stimuli: " in out and "    fitting 3 candidates x 2 lambdas" in out, out[-3000:]
+    assert "DEBUG" not in out and "STEP_SUCCESS" not in out  # not Dagster's event stream
     db = work / "data" / "tiny" / "recovery.duckdb"
     assert db.is_file(), out
     assert (work / "dagster_home" / "dagster.yaml").is_file()  # the instance, made on first use

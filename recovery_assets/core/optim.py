@@ -22,10 +22,20 @@ at working precision (the objective is then at its floor), or ``max_iter`` is re
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# Set while a batch's failure or an interrupt (SIGTERM/SIGINT) is propagating: batches running
+# on other threads stop at their next iteration instead of running to their end.
+STOP = threading.Event()
+
+
+class Stopped(Exception):
+    """A fit stopped early because STOP was set."""
+
 
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 RESYNC = 25  # iterations between exact recomputations of the linear image K x
@@ -231,6 +241,8 @@ def lbfgs(
             done |= g.abs().amax(-1) <= grad_tol
         if progress is not None:
             progress(it + 1, int((~done).sum()))
+        if STOP.is_set():
+            raise Stopped("the fit was stopped (another batch failed, or the process is stopping)")
     if ids.numel():  # max_iter reached
         out_x[ids], out_f[ids] = x, f
     converged &= torch.isfinite(out_f)
@@ -327,4 +339,6 @@ def proximal_gradient(
         active[idx] &= ~done
         if progress is not None:
             progress(it + 1, int(active.sum()))
+        if STOP.is_set():
+            raise Stopped("the fit was stopped (another batch failed, or the process is stopping)")
     return OptimResult(x=x, f=F, iterations=iters, evaluations=evals, converged=converged)

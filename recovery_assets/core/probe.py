@@ -930,10 +930,15 @@ def _run_batches(run: Callable, batches: list, workers: int):
             try:
                 for fut in as_completed(futures):
                     yield fut.result()
+            except BaseException as exc:
+                if not isinstance(exc, GeneratorExit):  # a failure or an interrupt: the running
+                    optim.STOP.set()  # batches stop at their next iteration
+                raise
             finally:  # an error (or the caller stopping early): start no further batch
                 for fut in futures:
                     fut.cancel()
     finally:
+        optim.STOP.clear()
         torch.set_num_threads(threads)  # the workers' setting is process-wide: undo it
 
 

@@ -2,7 +2,10 @@
 (which calls the core), writes files and tables through the store, and reports metadata/checks."""
 
 import json
+import os
+import sys
 import warnings
+from contextlib import contextmanager
 
 import dagster as dg
 import numpy as np
@@ -15,6 +18,7 @@ from recovery_assets.defs.partitions import (
     split_job_key,
 )
 from recovery_assets.defs.resources import DeviceResource, StorageResource
+from recovery_assets.errors import input_errors
 from recovery_assets.study import Study
 
 GPU_POOL = "gpu"
@@ -44,6 +48,33 @@ def _plain(value):
 def _finish(store, metadata: dict, check_results=None) -> dg.MaterializeResult:
     store.rebuild_views()
     return dg.MaterializeResult(metadata=_plain(metadata), check_results=check_results or [])
+
+
+# Set by `recovery study`: the steps' own log lines (what they do, progress with rate and time
+# left) also go to its terminal, one readable line each, while Dagster's event log keeps them all.
+TERMINAL_ENV = "RECOVERY_TERMINAL_LOG"
+
+
+def _log(context: dg.AssetExecutionContext):
+    """The step's log: the run's event log, and the terminal of `recovery study`."""
+    if not os.environ.get(TERMINAL_ENV):
+        return context.log.info
+
+    def log(message: str) -> None:
+        context.log.info(message)
+        print(f"    {message}", file=sys.stdout, flush=True)
+
+    return log
+
+
+@contextmanager
+def _bad_input_fails_at_once():
+    """Bad input is no transient failure: fail the step at once, without the retry policy's
+    retries (the original error stays the cause, for `recovery study`'s one-line report)."""
+    try:
+        yield
+    except input_errors() as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
 
 
 def _check(name: str, passed, metadata: dict, warn: bool = False) -> dg.AssetCheckResult:
@@ -103,7 +134,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """The concept table in index order and the stimulus images (demo crops or THINGS)."""
         store = storage.store(study)
-        return _finish(store, pipeline.build_stimuli(study, store, context.log.info))
+        return _finish(store, pipeline.build_stimuli(study, store, _log(context)))
 
     @dg.asset(
         **placed("inputs"),
@@ -120,9 +151,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """n x p features of one model (timm network or precomputed file), parameters and p."""
         store = storage.store(study)
-        row = pipeline.build_embeddings(
-            study, store, context.partition_key, device.torch_device(study), context.log.info
-        )
+        with _bad_input_fails_at_once():
+            row = pipeline.build_embeddings(
+                study, store, context.partition_key, device.torch_device(study), _log(context)
+            )
         return _finish(store, row)
 
     # the convention is detected with a reference similarity: pixels, or a model's features
@@ -142,7 +174,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """Triplets, answers, splits, noise ceiling, detected convention and checksums."""
         store = storage.store(study)
-        info = pipeline.build_human(study, store, context.log.info)
+        info = pipeline.build_human(study, store, _log(context))
         check = _check(
             "convention_unambiguous", info["unambiguous"], {"detection": info["detection"]}
         )
@@ -176,9 +208,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """W (CV-chosen lambda), calibrated T, human test accuracy and NLL of one model."""
         store = storage.store(study)
-        row = pipeline.build_generator(
-            study, store, context.partition_key, device.torch_device(study), context.log.info
-        )
+        with _bad_input_fails_at_once():
+            row = pipeline.build_generator(
+                study, store, context.partition_key, device.torch_device(study), _log(context)
+            )
         gap = abs(row["calibrated_mean_max_probability"] - row["target"])
         check = _check(
             "calibrated_to_noise_ceiling",
@@ -212,7 +245,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         regenerates them from the seeds and verifies them against these checksums."""
         store = storage.store(study)
         model, n_train = split_job_key(context.partition_key)
-        info = pipeline.build_synthetic(study, store, model, n_train, context.log.info)
+        info = pipeline.build_synthetic(study, store, model, n_train, _log(context))
         check = _check("self_agreement_in_99_interval", bool(abs(info["z"]) <= 2.576), info)
         meta = {**info, "recipe": dg.MetadataValue.path(str(store.synthetic_path(model, n_train)))}
         return _finish(store, meta, [check])
@@ -237,9 +270,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         """Every candidate x lambda x fold x simulation; selected lambda, score, rank, winner."""
         store = storage.store(study)
         model, n_train = split_job_key(context.partition_key)
-        info = pipeline.build_scores(
-            study, store, model, n_train, device.torch_device(study), context.log.info
-        )
+        with _bad_input_fails_at_once():
+            info = pipeline.build_scores(
+                study, store, model, n_train, device.torch_device(study), _log(context)
+            )
         check = _check(  # a warning: fits stopped at max_iter are flagged, not fatal
             "fits_converged",
             info["not_converged"] == 0,
@@ -295,7 +329,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """Params, dimension, effective dimensionality before/after, alignment-induced shift."""
         store = storage.store(study)
-        df = pipeline.build_properties(study, store, context.log.info)
+        df = pipeline.build_properties(study, store, _log(context))
         return _finish(store, {"table": dg.MetadataValue.md(df.to_markdown(index=False))})
 
     @dg.asset(
