@@ -333,14 +333,22 @@ def estimate_study(
     p_max = max(info["p"] for info in models.values())
     N_max = max(sizes)
     feat_bytes = sum(n * info["p"] * 4 for info in models.values())
-    # one simulation group in memory: triplets (int64) + answers, all folds and splits
-    rows_bytes = N_FOLDS * (N_max + 2 * round(N_max / 8)) * (3 * 8 + 1)
-    # the fitter: per fit its L-BFGS history (2 x 10 vectors of r^2), iterate and gradient, and
-    # per triplet its logits and gradient (B x N x 3 floats) for a batch of B fits
-    r_max = max(r_of.values())
-    batch = M * L * N_FOLDS
-    fitter_bytes = batch * (24 * r_max * r_max * 4) + min(batch, 8) * N_max * 3 * 4 * 4
-    cand_mem = (feat_bytes + rows_bytes + fitter_bytes) / GB
+    # the step's own memory plan (pipeline.build_scores at the largest N, with half of this
+    # machine's available memory): a group of simulations' regenerated rows, and the fitter's
+    # chunks of problems beside its running fits
+    from recovery_assets.core.scoring import fit_plan, fitter_bytes
+    from recovery_assets.pipeline import _memory_budget, score_groups, synthetic_bytes
+
+    budget = _memory_budget(0.5)
+    group = max(len(g) for g in score_groups(S, N_max, budget))
+    rows_bytes = group * synthetic_bytes(N_max)
+    shape = {"p": p_max, "n": n, "lams": L}
+    problems = group * N_FOLDS * M
+    fit_budget = None if budget is None else budget - rows_bytes
+    per_call, workers = fit_plan(problems, N_max, fit_budget, dev, **shape)
+    threads = torch.get_num_threads() if dev.type == "cpu" else 1
+    fit_bytes = fitter_bytes(N_max, per_call, workers or threads, **shape)
+    cand_mem = (feat_bytes + rows_bytes + fit_bytes) / GB
     fits_rows = S * M * (L if fitted else 1) * N_FOLDS * 2  # candidate_fits + selection rows
     cand_disk = M * len(sizes) * fits_rows * 120 / GB
 
