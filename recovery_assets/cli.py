@@ -248,12 +248,12 @@ def study_cmd(
     them). SIGTERM or SIGINT stops it within seconds, the current run marked failed.
     """
     import logging
-    import signal
 
     import dagster as dg
     from dagster._core.errors import DagsterExecutionInterruptedError
 
     from recovery_assets.defs.assets import TERMINAL_ENV
+    from recovery_assets.errors import StopSignal, stop_on_signals, stop_requested
     from recovery_assets.instance import ensure_home
     from recovery_assets.liveness import free_dead_runs, stop_own_runs
     from recovery_assets.run import RunFailed, materialize_study, run_study
@@ -273,10 +273,7 @@ def study_cmd(
         free_dead_runs(instance, echo=click.echo)
     os.environ[TERMINAL_ENV] = "1"  # the steps' progress lines reach this terminal too
 
-    def interrupted(signum, frame):  # SIGTERM (SLURM, kill) behaves like Ctrl-C
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupted)
+    stop_on_signals()
     cluster = None
     try:
         if dask_scheduler or dask_workers or max_concurrent_runs:
@@ -311,23 +308,26 @@ def study_cmd(
                 store = materialize_study(
                     study, instance, echo=click.echo, log_level="CRITICAL", force=force
                 )
-    except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
-        with dg.DagsterInstance.get() as instance:
-            why = str(exc) or "SIGTERM or SIGINT"
-            stop_own_runs(instance, f"stopped by {why}")
-            free_dead_runs(instance, echo=lambda s: None)  # the run processes it stopped
-        click.echo(
-            f"recovery study: stopped by {why}; the current run is marked failed; run it again "
-            "to resume",
-            err=True,
+    except (StopSignal, KeyboardInterrupt, DagsterExecutionInterruptedError, Exception) as exc:
+        signalled = (StopSignal, KeyboardInterrupt, DagsterExecutionInterruptedError)
+        why = stop_requested() or (
+            str(exc) or "SIGTERM or SIGINT" if isinstance(exc, signalled) else None
         )
-        sys.exit(130)
-    except RunFailed as exc:
-        _fail("study", str(exc))
-    except Exception as exc:  # noqa: BLE001 - bad input is reported, a bug re-raised
-        problem = input_error(exc)
+        if why is not None:  # a stop (also one that failed the step it met, not retried)
+            with dg.DagsterInstance.get() as instance:
+                stop_own_runs(instance, f"stopped by {why}")
+                free_dead_runs(instance, echo=lambda s: None)  # the run processes it stopped
+            click.echo(
+                f"recovery study: stopped by {why}; the current run is marked failed; run it "
+                "again to resume",
+                err=True,
+            )
+            sys.exit(130)
+        if isinstance(exc, RunFailed):
+            _fail("study", str(exc))
+        problem = input_error(exc) if isinstance(exc, Exception) else None
         if problem is None:
-            raise
+            raise  # a bug
         _fail("study", problem)
     finally:
         if cluster is not None:

@@ -24,3 +24,38 @@ def input_errors() -> tuple[type[BaseException], ...]:
         SyntheticDataMismatch,
         DiskFullError,
     )
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGINT reached a `recovery` process: it stops now.
+
+    Neither an ``Exception`` nor a ``KeyboardInterrupt``: Dagster's step boundary turns both into
+    a retry when the step has a retry policy (the fitting steps do), so a stop would become a
+    retry 10 s later and the run would go on. This passes through the step untouched; the command
+    that installed the handler marks its runs failed and exits."""
+
+
+_STOPPED: list[str] = []
+
+
+def note_stop(why: str = "SIGTERM or SIGINT") -> None:
+    """Record that this process was told to stop (a step that met the stop failed for it)."""
+    _STOPPED.append(why)
+
+
+def stop_requested() -> str | None:
+    """Why this process was told to stop, if it was (``note_stop``)."""
+    return _STOPPED[0] if _STOPPED else None
+
+
+def stop_on_signals() -> None:
+    """From now on, SIGTERM (SLURM, kill) and SIGINT (Ctrl-C) raise ``StopSignal`` in the main
+    thread, wherever it is."""
+    import signal
+
+    def stop(signum, frame):
+        note_stop(signal.Signals(signum).name)
+        raise StopSignal(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

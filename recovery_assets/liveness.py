@@ -20,6 +20,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from recovery_assets.storage import pid_alive
+
 HOST_TAG = "recovery/host"
 PID_TAG = "recovery/pid"
 START_TAG = "recovery/pid_start"  # the process's start time (Linux), against pid reuse
@@ -51,12 +53,8 @@ def run_tags() -> dict[str, str]:
 
 
 def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True  # another user's live process
     return start is None or _start_time(pid) in (None, start)
 
 

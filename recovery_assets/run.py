@@ -114,12 +114,9 @@ def _execute_run(
     log_level: str,
 ) -> tuple[str, bool, str]:
     """One run, in its own process: (run id, success, the first failure's message)."""
-    import signal
+    from recovery_assets.errors import stop_on_signals
 
-    def interrupted(signum, frame):  # SIGTERM stops the run like Ctrl-C (the run fails)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupted)
+    stop_on_signals()  # the parent's SIGTERM stops this run (marked failed by the parent)
     recon = dg.build_reconstructable_job(
         "recovery_assets.run", "study_job", reconstructable_args=(study_path, stage, dask_json)
     )

@@ -25,6 +25,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,13 +70,43 @@ def _umask() -> int:
     return mask
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_dead_writers_files(target: Path) -> list[Path]:
+    """Remove the temporary files that killed writers of ``target`` left beside it: those named
+    for this host and a process that no longer exists (a SIGKILL between writing and renaming
+    leaves one). Another host's files, or a live writer's, are left alone."""
+    mine = re.compile(rf"\.{re.escape(target.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.tmp")
+    host = socket.gethostname()
+    removed = []
+    for tmp in target.parent.glob(".*.tmp"):
+        m = mine.fullmatch(tmp.name)
+        if m and m["host"] == host and not pid_alive(int(m["pid"])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(target: str | os.PathLike, write) -> Path:
     """Write ``target`` whole or not at all: ``write(tmp)`` fills a temporary file beside it,
     which is then renamed into place. The file gets the usual permissions (0666 less the umask;
-    a temporary file alone would be private to its owner), so a group can share a data folder."""
+    a temporary file alone would be private to its owner), so a group can share a data folder.
+    The temporary name carries the writer's host and process id, so the next write of ``target``
+    removes what a killed writer left behind (``remove_dead_writers_files``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    remove_dead_writers_files(target)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{owner}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)

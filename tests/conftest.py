@@ -82,3 +82,20 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+
+def assert_same_rows(name: str, ours, theirs, rtol: float = 1e-9) -> None:
+    """Two frames of one table hold the same rows (in any order): the same columns and row count,
+    equal non-float columns, float columns within ``rtol``."""
+    import numpy as np
+
+    assert list(ours.columns) == list(theirs.columns) and len(ours) == len(theirs), name
+    key = [c for c in theirs.columns if not np.issubdtype(theirs[c].dtype, np.floating)]
+    ours = ours.sort_values(key).reset_index(drop=True)
+    theirs = theirs.sort_values(key).reset_index(drop=True)
+    for col in theirs.columns:
+        x, y = ours[col].to_numpy(), theirs[col].to_numpy()
+        if np.issubdtype(y.dtype, np.floating):
+            np.testing.assert_allclose(x, y, rtol=rtol, err_msg=f"{name}.{col}")
+        else:
+            assert (x == y).all(), f"{name}.{col}"

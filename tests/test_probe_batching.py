@@ -199,6 +199,41 @@ def test_max_batch_splits_and_log_reports_every_batch(monkeypatch):
     check_same(split, one_batch, datas, spec)
 
 
+def test_out_of_device_memory_refits_the_batch_in_halves(monkeypatch):
+    """A batch that runs out of device memory (torch.OutOfMemoryError, as CUDA raises it) is
+    fitted again as two halves, and later batches take the smaller size at once; the fits equal
+    those of one batch. One fit that does not fit is the caller's error."""
+    datas = [
+        make_problem(43, p=6, n_train=20, n_trip=100),
+        make_problem(44, p=12, n_train=18, n_trip=120),
+    ]
+    spec = ProbeSpec.parse("full", "shrinkage")
+    problems = [as_problem(d, [0.01, 0.1, 1.0]) for d in datas]
+    one_batch = fit_probes(problems, spec, max_batch=100, **TIGHT)
+
+    tried = []
+    real = probe._fit_context
+
+    def small_device(ctx, spec, lams, *args, **kwargs):
+        tried.append(len(lams))
+        if len(lams) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(ctx, spec, lams, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "_fit_context", small_device)
+    messages = []
+    fits = fit_probes(problems, spec, max_batch=3, log=messages.append, **TIGHT)
+    # batches of 3: the first fails and is refitted as 2 + 1; the second is split before trying
+    assert tried == [3, 2, 1, 2, 1], tried
+    assert sum("out of cpu memory with 3 fits" in m for m in messages) == 1, messages
+    assert "in batches of at most 2" in messages[0]
+    check_same(fits, one_batch, datas, spec)
+
+    monkeypatch.setattr(probe, "_fit_context", lambda *a, **k: small_device(a[0], a[1], [0] * 3))
+    with pytest.raises(torch.OutOfMemoryError):
+        fit_probes(problems[:1], spec, max_batch=1, **TIGHT)
+
+
 def test_log_is_optional_and_called_with_strings():
     d = make_problem(51, p=6, n_train=10, n_trip=50)
     calls = []

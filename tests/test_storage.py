@@ -408,3 +408,81 @@ def test_a_full_disk_in_a_step_is_one_line_from_recovery_study(tmp_path):
         storage.atomic_write = original
     assert res.exit_code == 2, res.output
     assert "the disk is full (injected)" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real filesystem of a few MiB mounted for the test (tmpfs; needs the right to mount, as
+    root on the test machines): writes past its size fail with the kernel's own ENOSPC."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            pytest.skip(f"this machine does not allow mounting a filesystem: {res.stderr}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_small_filesystem_filling_up_keeps_the_previous_version(small_filesystem):
+    store = Store(small_filesystem("1m"))
+    part = {"model": "a", "n_train": 10}
+    store.write_table("fits", frame("a", 10), part)
+    store.rebuild_views()
+    before = store.table_path("fits", part).read_bytes()
+    rng = np.random.default_rng(0)
+    big = pd.DataFrame({"model": "a", "n_train": 10, "score": rng.random(400_000)})  # 3 MB
+    with pytest.raises(storage.DiskFullError) as info:
+        store.write_table("fits", big, part)
+    assert str(info.value).startswith(str(store.table_path("fits", part)))
+    assert "disk is full" in str(info.value)
+    assert store.table_path("fits", part).read_bytes() == before
+    assert leftovers(store.root) == []
+    assert query(store.db_path, "SELECT count(*) FROM fits") == [(3,)]
+
+
+def test_recovery_study_on_a_filesystem_that_fills_up(small_filesystem, tmp_path):
+    """The tiny study's data folder on a 4 MiB filesystem: the third generator probe (4 MB) does
+    not fit. One line, exit 2; the partitions written before stay whole and queryable."""
+    import subprocess
+
+    parent = small_filesystem("4m")
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(tmp_path / "home"),
+        RECOVERY_DATA=str(parent),
+        HF_HUB_OFFLINE="1",
+    )
+    res = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "recovery"), "study", "--study", "tiny"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "the disk is full" in errors[0], res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    data = parent / "tiny"
+    assert "generator_probes" in errors[0] and "mobilenetv3_small.npz" in errors[0], errors[0]
+    assert sorted(p.name for p in (data / "generator_probes").iterdir()) == [
+        "resnet18.npz",
+        "resnet18_seed1.npz",
+    ]
+    assert leftovers(data) == []
+    got = query(data / "recovery.duckdb", "SELECT model FROM generator_probes ORDER BY model")
+    assert got == [("resnet18",), ("resnet18_seed1",)]

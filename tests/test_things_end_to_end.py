@@ -288,6 +288,13 @@ def test_bad_input_stops_the_graph_and_writes_nothing_downstream(things_inputs, 
             for run in instance.get_runs()
             for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
         ]
+        retried = [
+            event.step_key
+            for run in instance.get_runs()
+            for kind in (dg.DagsterEventType.STEP_UP_FOR_RETRY, dg.DagsterEventType.STEP_RESTARTED)
+            for event in instance.all_logs(run.run_id, of_type=kind)
+        ]
+    assert retried == []  # bad input is no transient failure: the retry policy does not apply
     error = f"{info.value} {info.value.__cause__}"
     assert message.lower() in error.lower(), error
     # one step failed: the asset that reads the input (step keys carry the study's key prefix)

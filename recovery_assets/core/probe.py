@@ -745,7 +745,9 @@ def fit_probes(
     on the CPU, small problems until one evaluation is about ``CPU_BATCH_FLOPS``). Batches run
     concurrently on ``workers`` threads (``_run_batches``; default on the CPU: one per torch
     intra-op thread, no more than fit in ``memory_budget`` of the available memory; on a GPU:
-    1, one batch after another).
+    1, one batch after another). A batch that runs out of device memory
+    (``torch.OutOfMemoryError``) is fitted again as two halves, and the later batches are cut to
+    that size before they start; one fit that does not fit raises.
 
     ``log`` gets one line per finished batch and, at most every ``progress_every`` seconds while
     batches run, a progress line (fits done of all, iterations per second, estimated time left;
@@ -851,20 +853,43 @@ def fit_probes(
 
     iter_cap = max_iter * 5 if spec.penalty == "l1" else max_iter  # the optimiser's own cap
 
-    def run(units):
-        ctx = _merge([contexts[i] for i, _ in units])
+    oom_cap: list[int] = []  # after running out of device memory: the most fits per batch
+
+    def attempt(units, key, offset: int = 0) -> list[FittedProbe]:
+        """Fit one batch; out of device memory, fit it again as two halves (down to one fit)."""
         lams = [float(problems[i].lams[b]) for i, pos in units for b in pos]
+        if oom_cap and len(lams) > oom_cap[0]:
+            first, second = _halves(units)
+            return attempt(first, key, offset) + attempt(second, key, offset + _n_fits(first))
+        ctx = _merge([contexts[i] for i, _ in units])
         gid = [g for g, (_, pos) in enumerate(units) for _ in pos]
-        key = id(units)
 
         def tick(it: int, active: int) -> None:
             # running fits count as done up to it / cap (a lower bound: most stop earlier)
-            part = len(lams) - active + active * min(it / max(iter_cap, 1), 1.0)
+            part = offset + len(lams) - active + active * min(it / max(iter_cap, 1), 1.0)
             progress.running(key, part, steps=1)
 
+        try:
+            return _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid, progress=tick)
+        except torch.OutOfMemoryError:
+            if len(lams) == 1:
+                raise
+        del ctx  # the failed batch's tensors go before the halves are allocated
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (len(lams) + 1) // 2
+        if not oom_cap or half < oom_cap[0]:
+            oom_cap[:] = [half]
+        if log is not None:
+            log(f"out of {device.type} memory with {len(lams)} fits in one batch: refitting "
+                f"them in batches of at most {oom_cap[0]}")  # fmt: skip
+        first, second = _halves(units)
+        return attempt(first, key, offset) + attempt(second, key, offset + _n_fits(first))
+
+    def run(units):
         t0 = time.perf_counter()
         with progress.ticking():  # lines also while a batch starts (scale search: ~1 min at 4M)
-            fits = _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid, progress=tick)
+            fits = attempt(units, id(units))
         return units, fits, time.perf_counter() - t0
 
     done = 0
@@ -891,6 +916,28 @@ def fit_probes(
                 f"{secs:.1f} s)"
             )
     return results
+
+
+def _n_fits(units: list[tuple[int, list[int]]]) -> int:
+    return sum(len(pos) for _, pos in units)
+
+
+def _halves(units: list[tuple[int, list[int]]]) -> tuple[list, list]:
+    """A batch's work units (problem, lambda positions) split into two batches of (about) half
+    the fits each, in the same order."""
+    flat = [(i, b) for i, pos in units for b in pos]
+    cut = (len(flat) + 1) // 2
+
+    def grouped(pairs):
+        out: list[tuple[int, list[int]]] = []
+        for i, b in pairs:
+            if out and out[-1][0] == i:
+                out[-1][1].append(b)
+            else:
+                out.append((i, [b]))
+        return out
+
+    return grouped(flat[:cut]), grouped(flat[cut:])
 
 
 def _available_memory() -> int | None:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 import numpy as np
+from dagster._core.errors import DagsterExecutionInterruptedError
 
 from recovery_assets import pipeline, plots
 from recovery_assets.defs.partitions import (
@@ -18,7 +19,7 @@ from recovery_assets.defs.partitions import (
     split_job_key,
 )
 from recovery_assets.defs.resources import DeviceResource, StorageResource
-from recovery_assets.errors import input_errors
+from recovery_assets.errors import StopSignal, input_errors, note_stop
 from recovery_assets.study import Study
 
 GPU_POOL = "gpu"
@@ -68,13 +69,20 @@ def _log(context: dg.AssetExecutionContext):
 
 
 @contextmanager
-def _bad_input_fails_at_once():
-    """Bad input is no transient failure: fail the step at once, without the retry policy's
-    retries (the original error stays the cause, for `recovery study`'s one-line report)."""
+def _fails_at_once():
+    """Bad input and a stop are no transient failures: fail the step at once, without the retry
+    policy's retries (the original error stays the cause, for `recovery study`'s one-line report).
+
+    A stop (SIGTERM, SIGINT, a run terminated from the UI) reaches the step as Dagster's
+    interrupt, which Dagster would turn into a retry 10 s later: it is recorded
+    (``errors.stop_requested``) and fails the step instead."""
     try:
         yield
     except input_errors() as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError, StopSignal) as exc:
+        note_stop()
+        raise dg.Failure(description="stopped by a signal", allow_retries=False) from exc
 
 
 def _check(name: str, passed, metadata: dict, warn: bool = False) -> dg.AssetCheckResult:
@@ -151,7 +159,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """n x p features of one model (timm network or precomputed file), parameters and p."""
         store = storage.store(study)
-        with _bad_input_fails_at_once():
+        with _fails_at_once():
             row = pipeline.build_embeddings(
                 study, store, context.partition_key, device.torch_device(study), _log(context)
             )
@@ -208,7 +216,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """W (CV-chosen lambda), calibrated T, human test accuracy and NLL of one model."""
         store = storage.store(study)
-        with _bad_input_fails_at_once():
+        with _fails_at_once():
             row = pipeline.build_generator(
                 study, store, context.partition_key, device.torch_device(study), _log(context)
             )
@@ -270,7 +278,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         """Every candidate x lambda x fold x simulation; selected lambda, score, rank, winner."""
         store = storage.store(study)
         model, n_train = split_job_key(context.partition_key)
-        with _bad_input_fails_at_once():
+        with _fails_at_once():
             info = pipeline.build_scores(
                 study, store, model, n_train, device.torch_device(study), _log(context)
             )
