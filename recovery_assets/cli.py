@@ -104,11 +104,24 @@ def main() -> None:
 @click.option("--penalty", default="shrinkage", show_default=True)
 @click.option("--lam", default=1e-4, show_default=True, type=float)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
+@click.option(
+    "--stop",
+    type=click.Choice(["optimum", "paper"]),
+    default="optimum",
+    show_default=True,
+    help="stopping rule: run to the optimum, or stop where the published fits' L-BFGS settings do",
+)
+@click.option(
+    "--max-iter", type=click.IntRange(min=1), default=1000, show_default=True,
+    help="at most this many iterations",
+)  # fmt: skip
 @click.option("--out", "out", required=True, help="where to write W.npy (float32)")
-def fit_probe(features, triplets, answers, family, penalty, lam, device, out) -> None:
+def fit_probe(
+    features, triplets, answers, family, penalty, lam, device, stop, max_iter, out
+) -> None:
     """Fit one probe (docs/method.md §4) from the identity and write the full transform W.
 
-    Prints one JSON line: objective, train_accuracy, iterations, seconds.
+    Prints one JSON line: objective, train_accuracy, iterations, converged, seconds.
     """
     import torch
 
@@ -145,7 +158,8 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
         _fail("fit-probe", f"--out {out}: is a directory; give a file name such as W.npy")
     t0 = time.perf_counter()
     try:
-        fit = fit_probes([FitProblem(X, T, A, [lam])], spec, device=dev)[0][0]
+        problem = FitProblem(X, T, A, [lam])
+        fit = fit_probes([problem], spec, device=dev, stop=stop, max_iter=max_iter)[0][0]
     except ValueError as exc:  # e.g. all-zero training features
         _fail("fit-probe", f"--features {features}: {exc}")
     W = fit.matrix()
@@ -167,6 +181,7 @@ def fit_probe(features, triplets, answers, family, penalty, lam, device, out) ->
         "iterations": fit.iterations,
         "seconds": round(seconds, 4),
         "converged": fit.converged,
+        "stop": stop,
         "family": spec.name,
         "penalty": spec.penalty,
         "lam": lam,

@@ -359,6 +359,7 @@ def build_generator(study: Study, store: Store, model: str, device, log: Log) ->
         device=device,
         dtype=_dtype(study),
         max_iter=study.max_iter,
+        stop=study.probe_stop,
         log=log,
     )
     store.save_arrays(
@@ -712,6 +713,7 @@ def build_scores(
                 device=device,
                 dtype=_dtype(study),
                 max_iter=study.max_iter,
+                stop=study.probe_stop,
                 log=log,
                 memory_budget=fit_budget,
                 progress=fitting,

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from recovery_assets import shipped
+from recovery_assets.core.optim import STOP_RULES
 from recovery_assets.core.probe import ProbeSpec
 
 STUDY_ENV = "RECOVERY_STUDY"
@@ -100,6 +101,7 @@ class Study:
     regression: dict
     probe_dtype: str = "float32"
     max_iter: int = 1000
+    probe_stop: str = "optimum"  # the fitter's stopping rule: optimum | paper (docs/method.md §4)
     device: str = "auto"
     data_dir: str | None = None
     things: dict = field(default_factory=dict)
@@ -207,6 +209,7 @@ class Study:
             sorted(self.regression.items()),
             self.probe_dtype,
             self.max_iter,
+            self.probe_stop,
             self.things.get("n_concepts"),
             self.things.get("image_layout"),
         )
@@ -591,6 +594,9 @@ def _load(path: Path) -> Study:
     dtype = probe.get("dtype", "float32")
     if dtype not in ("float32", "float64"):
         raise StudyError(f"{path}: probe.dtype must be float32 or float64")
+    stop = probe.get("stop", "optimum")
+    if stop not in STOP_RULES:
+        raise StudyError(f"{path}: probe.stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
     gen = _map(doc, "generator", path)
     target = gen.get("calibration_target", "noise_ceiling")
     if not (target == "noise_ceiling" or (isinstance(target, float) and 1 / 3 < target < 1)):
@@ -641,6 +647,7 @@ def _load(path: Path) -> Study:
         regression=reg,
         probe_dtype=dtype,
         max_iter=_int(probe, "max_iter", path, 1000, minimum=1),
+        probe_stop=stop,
         device=str(doc.get("device", "auto")),
         data_dir=doc.get("data_dir"),
         things=things,

@@ -286,6 +286,27 @@ def test_fit_probe_out_is_a_directory_is_an_input_error(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_fit_probe_stopping_rules(tmp_path):
+    """--stop paper stops no later than the optimum and no lower; --max-iter caps the iterations;
+    an unknown rule is refused by the option itself."""
+    paths = make_inputs(tmp_path, seed=1)
+    records = {}
+    for rule in ("optimum", "paper"):
+        res = invoke(args_for(paths, tmp_path / f"{rule}.npy", "--stop", rule, "--lam", "1e-3"))
+        assert res.exit_code == 0, res.stderr
+        records[rule] = json.loads(res.stdout)
+        assert records[rule]["stop"] == rule and records[rule]["converged"]
+    assert records["paper"]["iterations"] <= records["optimum"]["iterations"]
+    assert records["paper"]["objective"] >= records["optimum"]["objective"] - 1e-9
+    res = invoke(args_for(paths, tmp_path / "capped.npy", "--max-iter", "2"))
+    capped = json.loads(res.stdout)
+    assert capped["iterations"] == 2 and not capped["converged"]
+    for bad in (["--stop", "best"], ["--max-iter", "0"]):
+        res = invoke(args_for(paths, tmp_path / "bad.npy", *bad))
+        assert res.exit_code == 2 and bad[0] in res.stderr
+    assert not (tmp_path / "bad.npy").exists()
+
+
 BAD_OPTIONS = {
     "unknown_family": (["--family", "banana"], "unknown probe family 'banana'"),
     "rank_without_k": (["--family", "rank"], "needs a positive integer k"),

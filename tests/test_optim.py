@@ -102,3 +102,65 @@ def test_row_dots_by_blas_equal_vecdot(monkeypatch, B):
     b = torch.randn(B, 50, generator=g, dtype=torch.float64)
     torch.testing.assert_close(optim._rowdot(a, b), torch.linalg.vecdot(a, b))
     assert len(calls) == B
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's stopping rule
+
+
+def _trace(fg, x0, rule, max_iter):
+    """The objective after each iteration 1..max_iter of one problem (max_iter capped runs)."""
+    return [float(optim.lbfgs(fg, x0, max_iter=k, paper=rule).f[0]) for k in range(1, max_iter + 1)]
+
+
+def test_paper_rule_ends_runs_and_stops_where_its_definition_says():
+    """Inner runs of at most ``inner_iter`` iterations; the fit stops at the end of the first run
+    whose end is within ``rel_tol`` of the previous run's end, and not before."""
+    K, c = _problem(B=1, P=12, M=20, seed=3)
+    x0 = torch.zeros(c.shape, dtype=F64)
+    rule = optim.PaperStop(inner_iter=3, inner_evals=10**6, abs_tol=0.0, grad_tol=0.0, rel_tol=1e-4)
+    res = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=rule)
+    n = int(res.iterations[0])
+    assert bool(res.converged[0]) and n % 3 == 0 and n >= 6
+    f = _trace(_plain(K, c), x0, rule, n)  # the same deterministic path, capped
+    assert f[-1] == pytest.approx(float(res.f[0]), rel=1e-12)
+    ends = f[2::3]  # the objective at the end of each run of 3 iterations
+    changes = [abs(a - b) / abs(a) for a, b in zip(ends, ends[1:], strict=False)]
+    assert changes[-1] < 1e-4 and all(ch >= 1e-4 for ch in changes[:-1]), changes
+
+
+def test_paper_rule_ends_a_run_on_a_small_absolute_change():
+    """With abs_tol above every change, each run is one iteration: the fit stops at the first
+    iteration whose relative change is below rel_tol."""
+    K, c = _problem(B=1, P=12, M=20, seed=4)
+    x0 = torch.zeros(c.shape, dtype=F64)
+    rule = optim.PaperStop(inner_iter=150, abs_tol=1e9, grad_tol=0.0, rel_tol=1e-3)
+    res = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=rule)
+    n = int(res.iterations[0])
+    f = [float(optim.lbfgs(_plain(K, c), x0, max_iter=0).f[0])] + _trace(_plain(K, c), x0, rule, n)
+    changes = [abs(a - b) / abs(a) for a, b in zip(f[1:], f[2:], strict=False)]
+    assert changes[-1] < 1e-3 and all(ch >= 1e-3 for ch in changes[:-1]), changes
+
+
+def test_paper_rule_stops_earlier_than_the_optimum_and_no_lower():
+    K, c = _problem(B=3, seed=5)
+    x0 = torch.zeros(c.shape, dtype=F64)
+    best = optim.lbfgs(_plain(K, c), x0, rel_tol=1e-14, max_iter=2000)
+    loose = optim.PaperStop(abs_tol=1e-2, rel_tol=1e-3)
+    paper = optim.lbfgs(_plain(K, c), x0, max_iter=2000, paper=loose)
+    assert bool(paper.converged.all())
+    assert (paper.iterations <= best.iterations).all()
+    assert (paper.f >= best.f - 1e-12).all()
+    # each problem of the batch stops as it would alone
+    for b in range(3):
+        one = _plain(K[b : b + 1], c[b : b + 1])
+        alone = optim.lbfgs(one, x0[b : b + 1], max_iter=2000, paper=loose)
+        assert int(alone.iterations[0]) == int(paper.iterations[b])
+        assert float(alone.f[0]) == pytest.approx(float(paper.f[b]), rel=1e-10)
+
+
+def test_unknown_stopping_rule_is_refused():
+    assert optim.stop_rule("optimum") is None
+    assert optim.stop_rule("paper") == optim.PaperStop()
+    with pytest.raises(ValueError, match="unknown stopping rule 'best'"):
+        optim.stop_rule("best")

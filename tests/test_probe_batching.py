@@ -473,3 +473,28 @@ def test_bad_worker_counts_are_refused(bad):
 def test_no_problems_no_fits():
     assert fit_probes([], ProbeSpec()) == []
     assert fit_probes([], ProbeSpec(), workers=2) == []
+
+
+@pytest.mark.parametrize("penalty", ["shrinkage", "l1"])
+def test_the_paper_rule_stops_no_later_and_no_lower_than_the_optimum(penalty):
+    """Both rules reach objectives close to each other; the paper rule's is never below the
+    optimum's (it stops earlier on the same path) and every fit of a batch stops where it would
+    alone."""
+    datas = [
+        make_problem(51, p=10, n_train=20, n_trip=200),
+        make_problem(52, p=14, n_train=18, n_trip=150),
+    ]
+    spec = ProbeSpec.parse("full", penalty)
+    problems = [as_problem(d, [1e-3, 1e-1]) for d in datas]
+    kw = dict(dtype=F64, max_iter=3000)
+    optimum = fit_probes(problems, spec, stop="optimum", rel_tol=1e-12, **kw)
+    paper = fit_probes(problems, spec, stop="paper", **kw)
+    for row_o, row_p, pr in zip(optimum, paper, problems, strict=True):
+        alone = fit_probes([pr], spec, stop="paper", **kw)[0]
+        for o, p, a in zip(row_o, row_p, alone, strict=True):
+            assert p.converged and p.iterations <= o.iterations
+            assert o.objective - 1e-12 <= p.objective <= o.objective * (1 + 1e-2)
+            # (padding changes the rounding, so a threshold may fall an iteration apart)
+            assert rel(a.objective, p.objective) < 1e-4
+    with pytest.raises(ValueError, match="unknown stopping rule"):
+        fit_probes(problems, spec, stop="soon")

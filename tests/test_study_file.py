@@ -103,6 +103,7 @@ def test_base_document_is_valid_and_sizes_are_sorted(tmp_path):
     assert s.model_names == ["a", "b"]
     assert s.sizes == (10, 20)
     assert s.probe_dtype == "float64" and s.max_iter == 50
+    assert s.probe_stop == "optimum"  # the default
 
 
 def test_things_kind_refuses_random_weights_unless_told(tmp_path):
@@ -171,6 +172,7 @@ BAD = {
     "unknown_penalty": (lambda d: d["probe"].update(penalty="l7"), "unknown penalty 'l7'"),
     "rank_without_k": (lambda d: d["probe"].update(family="rank"), "needs a positive integer k"),
     "bad_dtype": (lambda d: d["probe"].update(dtype="float16"), "probe.dtype"),
+    "bad_stop": (lambda d: d["probe"].update(stop="best"), "probe.stop must be one of"),
     "unknown_kind": (_set("kind", "cifar"), "kind must be one of"),
     "duplicate_models": (_models("a", "b", "a"), r"duplicate model names \['a'\]"),
     "timm_without_weights": (
@@ -311,3 +313,12 @@ def test_bad_value_types_are_study_errors(tmp_path, case):
     with pytest.raises(StudyError, match=message) as info:
         load_study(path)
     assert str(info.value).startswith(str(path.resolve()))
+
+
+def test_stopping_rule_is_a_study_setting_in_the_code_version(tmp_path):
+    doc = copy.deepcopy(BASE)
+    doc["probe"]["stop"] = "paper"
+    paper = load_study(write(tmp_path, doc, "paper.yaml"))
+    optimum = load_study(write(tmp_path, BASE))
+    assert paper.probe_stop == "paper" and optimum.probe_stop == "optimum"
+    assert paper.code_version != optimum.code_version  # its assets are stale under the other rule

@@ -70,6 +70,15 @@ def test_other_experiments_extend_the_main_one(file):
     assert s.candidate_lambdas == pytest.approx(grid)
     assert len(s.candidate_lambdas) == (8 if penalty == "l1" else 11)
     assert s.generator_fit_on == ("trainset", "validationset")
+    assert s.probe_stop == "optimum"
+
+
+def test_the_paper_stopping_rule_study_differs_only_in_its_rule():
+    main, paper = load_study(STUDIES / "things.yaml"), load_study(STUDIES / "things_paper.yaml")
+    assert (main.probe_stop, paper.probe_stop) == ("optimum", "paper")
+    assert paper.name == "things_paper" and paper.model_names == main.model_names
+    assert (paper.sizes, paper.simulations, paper.spec) == (main.sizes, main.simulations, main.spec)
+    assert paper.candidate_lambdas == main.candidate_lambdas
 
 
 @pytest.mark.parametrize("file", ["things.yaml", "things_30models.yaml"])

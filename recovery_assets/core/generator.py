@@ -64,6 +64,7 @@ def fit_generator_probe(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype = torch.float32,
     max_iter: int = 1000,
+    stop: str = "optimum",
     log: Callable[[str], None] | None = None,
 ) -> GeneratorProbe:
     """Choose lambda by CV, refit on all training triplets, calibrate T on ``calibration``.
@@ -82,7 +83,9 @@ def fit_generator_probe(
         problems = [FitProblem(X, trip[tr], ans[tr], lam_grid) for tr, _ in splits]
         if log:
             log(f"cross-validating {len(lam_grid)} lambdas x {cv_folds} folds")
-        fits = fit_probes(problems, spec, device=device, dtype=dtype, max_iter=max_iter, log=log)
+        fits = fit_probes(
+            problems, spec, device=device, dtype=dtype, max_iter=max_iter, stop=stop, log=log
+        )
         for f, ((_, va), fl) in enumerate(zip(splits, fits, strict=True)):
             res = evaluate_fits(fl, X, {"val": (trip[va], ans[va])})["val"]
             for b, lam in enumerate(lam_grid):
@@ -103,6 +106,7 @@ def fit_generator_probe(
         device=device,
         dtype=dtype,
         max_iter=max_iter,
+        stop=stop,
         log=log,  # progress lines during the (long) refit on every human judgement
     )[0][0]
     W = fit.matrix()

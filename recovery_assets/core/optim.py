@@ -15,9 +15,16 @@ is K x + t K d (no product with K), and the gradient (the second product) is com
 accepted step. One iteration then applies K twice however many trial steps the line search takes.
 K x is recomputed from x every ``RESYNC`` iterations so that rounding cannot accumulate.
 
-Stopping rule (docs/method.md §4): the relative objective change between iterations falls below
-``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be found
-at working precision (the objective is then at its floor), or ``max_iter`` is reached.
+Stopping rules (docs/method.md §4):
+
+- ``optimum`` (the default): the relative objective change between iterations falls below
+  ``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be
+  found at working precision (the objective is then at its floor), or ``max_iter`` is reached.
+- ``paper`` (``PaperStop``): the published fits' L-BFGS settings. Iterations come in inner runs of
+  at most 150 iterations and 450 evaluations; a run ends when the objective changes by less than
+  1e-4 in one iteration or the largest gradient entry is below 1e-7; runs follow one another (the
+  curvature history carried over) until the objective at the end of a run differs from the end of
+  the previous one by less than 1e-7 relative. ``max_iter`` still caps the iterations in all.
 """
 
 from __future__ import annotations
@@ -65,6 +72,28 @@ class Split:
             return x.new_zeros(x.shape[0], 1)
 
         return cls(image, lambda z, x, idx: fg(x, idx), lambda z, x, aux, idx: aux)
+
+
+@dataclass(frozen=True)
+class PaperStop:
+    """The published fits' stopping rule (torch's L-BFGS settings, restarted until the objective
+    settles): see the module docstring."""
+
+    inner_iter: int = 150
+    inner_evals: int = 450
+    abs_tol: float = 1e-4  # an inner run ends when one iteration changes f by less than this
+    grad_tol: float = 1e-7  # ... or when the largest gradient entry is at most this
+    rel_tol: float = 1e-7  # runs end when two consecutive runs' end points are this close
+
+
+STOP_RULES = ("optimum", "paper")
+
+
+def stop_rule(name: str) -> PaperStop | None:
+    """The stopping rule called ``name``: None for ``optimum`` (``lbfgs``'s own ``rel_tol``)."""
+    if name not in STOP_RULES:
+        raise ValueError(f"unknown stopping rule {name!r}; expected one of {', '.join(STOP_RULES)}")
+    return PaperStop() if name == "paper" else None
 
 
 @dataclass
@@ -116,12 +145,14 @@ def lbfgs(
     c1: float = 1e-4,
     max_ls: int = 30,
     progress: Callable[[int, int], None] | None = None,
+    paper: PaperStop | None = None,
 ) -> OptimResult:
     """Minimise B independent smooth objectives with L-BFGS and a backtracking Armijo line search.
 
     ``fg`` is a plain objective or a ``Split`` one. The optimiser state is kept for the active
     problems only and compacted when problems converge, so one iteration costs a fixed number of
-    batched tensor operations on the active set.
+    batched tensor operations on the active set. ``paper``: stop by the published fits' rule
+    instead of ``rel_tol`` (see the module docstring).
     """
     split = fg if isinstance(fg, Split) else Split.plain(fg)
     B, P = x0.shape
@@ -142,8 +173,14 @@ def lbfgs(
     small = torch.zeros(B, dtype=torch.long, device=dev)
     fresh = torch.ones(B, dtype=torch.bool, device=dev)  # next step is a steepest-descent step
 
+    # the paper rule's state: iterations and evaluations of the current inner run, and the
+    # objective at the end of the previous run (NaN before the first ends)
+    run_it = torch.zeros(B, dtype=torch.long, device=dev)
+    run_ev = torch.zeros(B, dtype=torch.long, device=dev)
+    run_end = torch.full((B,), float("nan"), device=dev, dtype=dt)
+
     bad_start = ~torch.isfinite(f)  # e.g. float32 overflow: nothing can be fitted from here
-    done = (g.abs().amax(-1) <= grad_tol) | bad_start
+    done = (g.abs().amax(-1) <= (paper.grad_tol if paper else grad_tol)) | bad_start
     for it in range(max_iter + 1):
         if done.any():  # record finished problems and compact the state
             fin = ids[done]
@@ -153,6 +190,7 @@ def lbfgs(
             ids, x, f, g, z = ids[keep], x[keep], f[keep], g[keep], z[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
             gamma, small, fresh = gamma[keep], small[keep], fresh[keep]
+            run_it, run_ev, run_end = run_it[keep], run_ev[keep], run_end[keep]
         if ids.numel() == 0 or it == max_iter:
             break
         if it and it % RESYNC == 0:  # K x afresh, not accumulated from the steps
@@ -170,6 +208,7 @@ def lbfgs(
         t = torch.ones(ids.numel(), device=dev, dtype=dt)
         if restart.any():  # a steepest-descent step is scaled to a unit L1 move at most
             t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), t)
+        ev_before = evals[ids].clone()
         zd = split.image(d, ids)  # K d: every trial point's image is z + t K d
         x_new = z_new = f_new = aux_new = None
         pending = torch.ones(ids.numel(), dtype=torch.bool, device=dev)
@@ -231,14 +270,20 @@ def lbfgs(
             y[~good] = 0.0
         rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
         gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
-        rel = _rel_change(f, f_new)
+        if paper is None:
+            rel = _rel_change(f, f_new)
+            small = torch.where(rel < rel_tol, small + 1, torch.zeros_like(small))
+            done = (small >= 2) | stalled
+            if grad_tol > 0:
+                done |= g_new.abs().amax(-1) <= grad_tol
+        else:
+            done, run_it, run_ev, run_end = _paper_step(
+                paper, f, f_new, g_new, evals[ids] - ev_before, run_it, run_ev, run_end
+            )
+            done |= stalled
         x, z, f, g = x_new, z_new, f_new, g_new
         fresh = torch.zeros_like(fresh)
         iters[ids] += 1
-        small = torch.where(rel < rel_tol, small + 1, torch.zeros_like(small))
-        done = (small >= 2) | stalled
-        if grad_tol > 0:
-            done |= g.abs().amax(-1) <= grad_tol
         if progress is not None:
             progress(it + 1, int((~done).sum()))
         if STOP.is_set():
@@ -247,6 +292,31 @@ def lbfgs(
         out_x[ids], out_f[ids] = x, f
     converged &= torch.isfinite(out_f)
     return OptimResult(x=out_x, f=out_f, iterations=iters, evaluations=evals, converged=converged)
+
+
+def _paper_step(rule: PaperStop, f, f_new, g_new, evaluated, run_it, run_ev, run_end):
+    """One iteration under the paper rule: advance the inner runs, end those whose run is over,
+    and say which problems are done (a run ended within ``rule.rel_tol`` of the previous one's
+    end, or the gradient vanished). Returns (done, run_it, run_ev, run_end)."""
+    run_it = run_it + 1
+    run_ev = run_ev + evaluated  # trial points (torch counts its closure calls alike)
+    flat = (
+        g_new.abs().amax(-1) <= rule.grad_tol
+        if g_new is not None
+        else torch.zeros_like(run_it, dtype=torch.bool)
+    )
+    ended = (
+        (run_it >= rule.inner_iter)
+        | (run_ev >= rule.inner_evals)
+        | ((f - f_new).abs() < rule.abs_tol)
+        | flat
+    )
+    settled = (run_end - f_new).abs() / run_end.abs().clamp_min(1e-12) < rule.rel_tol
+    done = flat | (ended & settled)  # (NaN before the first run ended: not settled)
+    run_end = torch.where(ended, f_new, run_end)
+    run_it = torch.where(ended, torch.zeros_like(run_it), run_it)
+    run_ev = torch.where(ended, torch.zeros_like(run_ev), run_ev)
+    return done, run_it, run_ev, run_end
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -263,12 +333,15 @@ def proximal_gradient(
     rel_tol: float = 1e-7,
     max_ls: int = 40,
     progress: Callable[[int, int], None] | None = None,
+    paper: PaperStop | None = None,
 ) -> OptimResult:
     """Minimise smooth(x) + sum_i weight[b] * |x_i| for B problems: accelerated proximal gradient.
 
     FISTA with backtracking on the local Lipschitz estimate and a monotone restart (the momentum is
     dropped whenever the composite objective would rise), so the objective never increases.
     ``fg`` evaluates the smooth part only; the returned ``f`` is the composite objective.
+    ``paper``: the paper rule's runs and tolerances on the composite objective (no gradient
+    criterion: the composite objective has none).
     """
     x = x0.clone()
     B, _ = x.shape
@@ -288,11 +361,15 @@ def proximal_gradient(
     small = torch.zeros(B, dtype=torch.long, device=dev)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     evals = torch.ones(B, dtype=torch.long, device=dev)
+    run_it = torch.zeros(B, dtype=torch.long, device=dev)
+    run_ev = torch.zeros(B, dtype=torch.long, device=dev)
+    run_end = torch.full((B,), float("nan"), device=dev, dtype=dt)
     for it in range(max_iter):
         idx = active.nonzero().squeeze(-1)
         if idx.numel() == 0:
             break
         zi = z[idx]
+        ev_before = evals[idx].clone()
         fz, gz = fg(zi, idx)
         evals[idx] += 1
         L = 1.0 / step[idx]
@@ -334,7 +411,18 @@ def proximal_gradient(
         tiny = (rel < rel_tol) & ~worse
         small[idx] = torch.where(tiny, small[idx] + 1, torch.where(worse, small[idx], 0))
         stuck = worse & (th <= 1.0)  # a plain proximal step from the iterate failed to improve
-        done = (small[idx] >= 2) | stuck
+        if paper is None:
+            done = (small[idx] >= 2) | stuck
+        else:  # a momentum restart takes no step: it neither counts in a run nor ends one
+            evaluated = evals[idx] - ev_before
+            stop, r_it, r_ev, r_end = _paper_step(
+                paper, Fi, F_keep, None, evaluated, run_it[idx], run_ev[idx], run_end[idx]
+            )
+            moved = ~worse
+            done = (stop & moved) | stuck
+            run_it[idx] = torch.where(moved, r_it, run_it[idx])
+            run_ev[idx] = torch.where(moved, r_ev, run_ev[idx] + evaluated)
+            run_end[idx] = torch.where(moved, r_end, run_end[idx])
         converged[idx] |= done
         active[idx] &= ~done
         if progress is not None:

@@ -728,6 +728,7 @@ def fit_probes(
     max_iter: int = 1000,
     rel_tol: float = 1e-7,
     history: int = 10,
+    stop: str = "optimum",
     max_batch: int | None = None,
     memory_budget: float = 0.5,
     workers: int | None = None,
@@ -749,6 +750,9 @@ def fit_probes(
     (``torch.OutOfMemoryError``) is fitted again as two halves, and the later batches are cut to
     that size before they start; one fit that does not fit raises.
 
+    ``stop``: the stopping rule, ``optimum`` (the relative change ``rel_tol``) or ``paper`` (the
+    published fits' L-BFGS settings; :mod:`~recovery_assets.core.optim`, docs/method.md §4).
+
     ``log`` gets one line per finished batch and, at most every ``progress_every`` seconds while
     batches run, a progress line (fits done of all, iterations per second, estimated time left;
     :class:`~recovery_assets.core.progress.Progress`). A caller fitting in several calls passes
@@ -756,6 +760,7 @@ def fit_probes(
     """
     device = resolve_device(device)
     reduce = _uses_reduction(spec)
+    paper = optim.stop_rule(stop)
     if workers is not None and (
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
@@ -870,7 +875,9 @@ def fit_probes(
             progress.running(key, part, steps=1)
 
         try:
-            return _fit_context(ctx, spec, lams, max_iter, rel_tol, history, gid=gid, progress=tick)
+            return _fit_context(
+                ctx, spec, lams, max_iter, rel_tol, history, gid=gid, progress=tick, paper=paper
+            )
         except torch.OutOfMemoryError:
             if len(lams) == 1:
                 raise
@@ -1156,24 +1163,28 @@ def _fit_context(
     history: int,
     gid: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    paper: optim.PaperStop | None = None,
 ) -> list[FittedProbe]:
-    """Fit the batch; ``progress(iteration, active fits)`` is called after every iteration."""
+    """Fit the batch; ``progress(iteration, active fits)`` is called after every iteration;
+    ``paper``: stop by the paper rule instead of ``rel_tol``."""
     gid = gid if gid is not None else [0] * len(lams)
     obj = _objective(ctx, spec, lams, gid)
     smooth, x0, lam = obj.smooth, obj.x0, obj.lam
     family, penalty = spec.family, spec.penalty
     if penalty == "l1":
         res = optim.proximal_gradient(
-            smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol, progress=progress
-        )
+            smooth, x0, lam, max_iter=max_iter * 5, rel_tol=rel_tol, progress=progress,
+            paper=paper,
+        )  # fmt: skip
     else:
         if family != "rank":  # W = c I (diagonal: w = c 1) is free under shrinkage: find c
             L0, v0, ans, w = obj.start()
             t = _scale_search(L0, ans, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
         res = optim.lbfgs(
-            obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol, progress=progress
-        )
+            obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol,
+            progress=progress, paper=paper,
+        )  # fmt: skip
 
     fits = []
     for b, lam_b in enumerate(lams):
