@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import softmax
 
 from recovery_assets.core.triplets import concept_folds, sample_unique_triplets
 
@@ -96,12 +97,6 @@ def array_sha256(array: np.ndarray, dtype: np.dtype | str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _check_temperature(temperature: float) -> float:
     t = float(temperature)
     if not (t > 0 and np.isfinite(t)):
@@ -145,7 +140,7 @@ def sample_answers(
     arr = _check_logits(logits)
     t = _check_temperature(temperature)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    cdf = np.cumsum(_softmax(arr / t), axis=1)
+    cdf = np.cumsum(softmax(arr / t, axis=1), axis=1)
     u = rng.random(arr.shape[0])
     return (cdf[:, :-1] <= u[:, None]).sum(axis=1).astype(np.int8)
 
@@ -347,7 +342,7 @@ def draw_answers(
             raise ValueError("logits_fn returned non-finite logits")
         u = rng.random(rows.shape[0])
         z = logits / temp
-        p = _softmax(z)
+        p = softmax(z, axis=1)
         cdf = np.cumsum(p, axis=1)[:, :-1]
         ans = (cdf <= u[:, None]).sum(axis=1).astype(np.int8)
         n_exact = 0

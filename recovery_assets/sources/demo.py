@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.optimize import brentq
+from scipy.special import softmax
 
 from recovery_assets.core.calibration import DEFAULT_TARGET
 from recovery_assets.core.triplets import positions_to_human_rows, sample_unique_triplets
@@ -354,12 +355,6 @@ def expected_noise_ceiling(probabilities: np.ndarray, repeats: int) -> float:
     return float((np.exp(log_prob) @ agreement).mean())
 
 
-def _softmax_rows(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _triplet_logits(similarity: np.ndarray, triplets: np.ndarray) -> np.ndarray:
     t = np.asarray(triplets)
     if t.ndim != 2 or t.shape[1] != 3 or (t.size and not np.issubdtype(t.dtype, np.integer)):
@@ -409,7 +404,7 @@ def calibrate_observer_temperature(
         raise ValueError("all calibration triplets have equal logits: no temperature can work")
 
     def gap(log_t: float) -> float:
-        return expected_noise_ceiling(_softmax_rows(logits / np.exp(log_t)), repeats) - target
+        return expected_noise_ceiling(softmax(logits / np.exp(log_t), axis=1), repeats) - target
 
     lo, hi = np.log(scale * 1e-8), np.log(scale * 1e8)
     g_lo, g_hi = gap(lo), gap(hi)
@@ -513,7 +508,7 @@ class DemoObserver:
 
     def choice_probabilities(self, triplets: np.ndarray) -> np.ndarray:
         """(m, 3) probability that position 0, 1 or 2 of each triplet is the odd one out."""
-        return _softmax_rows(self.logits(triplets))
+        return softmax(self.logits(triplets), axis=1)
 
     def expected_ceiling(self, triplets: np.ndarray, repeats: int) -> float:
         """Expected noise ceiling of ``triplets`` answered ``repeats`` times each."""

@@ -35,7 +35,6 @@ Pure numpy / pandas; torch is imported only for ``.pt`` files (no dagster).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +43,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from recovery_assets.sources.checksums import file_sha256
 
 __all__ = [
     "FORMATS",
@@ -100,11 +101,6 @@ def _torch_problem(exc: BaseException) -> str:
     if match:
         return _short(" ".join(match.group(1).split()))
     return _short(exc)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _check_concept_ids(concept_ids: Sequence[str]) -> list[str]:
@@ -599,7 +595,7 @@ def load_feature_file(
     features = np.ascontiguousarray(matrix if rows is None else matrix[rows])
     info = {
         "path": str(p),
-        "sha256": _sha256(p),
+        "sha256": file_sha256(p),
         "format": fmt,
         "order": CONCEPT_ORDER if rows is None else REORDERED,
         "n": int(features.shape[0]),

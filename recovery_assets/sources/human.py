@@ -32,7 +32,6 @@ Pure numpy (no dagster); the triplet conventions and the ceiling come from
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -51,6 +50,7 @@ from recovery_assets.core.triplets import (
     noise_ceiling,
     positions_to_human_rows,
 )
+from recovery_assets.sources.checksums import file_sha256
 
 __all__ = [
     "CHOICE_ENCODINGS",
@@ -558,11 +558,6 @@ def detect_convention(
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _dir(root: Path, sub: str) -> Path:
     return root / sub if sub else root
 
@@ -939,7 +934,7 @@ def read_release_table(path: str | os.PathLike[str], n_concepts: int) -> Release
         group=group,
         subjects=subjects,
         fits=fits,
-        sha256=_sha256(p),
+        sha256=file_sha256(p),
         n_concepts=n,
     )
 
@@ -1323,7 +1318,7 @@ def load_human_judgements(
     sha: dict[str, str] = {}
     for name, path in paths.items():
         raw[name] = read_triplet_file(path, n)
-        sha[name] = _sha256(path)
+        sha[name] = file_sha256(path)
 
     detection = {
         name: detect_convention(rows, similarity_fn, **options) for name, rows in raw.items()

@@ -24,7 +24,6 @@ Pure numpy / pandas / PIL (no dagster).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import re
@@ -41,6 +40,7 @@ from recovery_assets.core.triplets import (
     noise_ceiling,
     positions_to_human_rows,
 )
+from recovery_assets.sources.checksums import file_sha256
 from recovery_assets.sources.human import (
     CONVENTION_FILES,
     RELEASE_SETS,
@@ -472,11 +472,6 @@ def pixel_reference(images: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _features_reference(
     reference: Any, n: int | None
 ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
@@ -513,7 +508,7 @@ def _check_text_files(
         entry: dict[str, Any] = {
             "path": str(path),
             "rows": None,
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
             "convention": None,
             "detection": None,
         }
@@ -583,7 +578,7 @@ def _check_release_table(
     entry: dict[str, Any] = {
         "path": str(path),
         "read": True,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "rows": None,
         "group_rows": None,
         "choice_fits": None,
