@@ -1,7 +1,8 @@
 """Probe-fitting speed: the project's fitter against the plain reference, side by side, one run.
 
     .venv/bin/python bench/probe_speed.py [--device cpu|cuda] [--reference-folds 1|2|3]
-        [--skip-single] [--skip-job] [--ours-only] [--workers K]
+        [--reference-lambdas 1e-6,1e-2,1e2] [--skip-single] [--skip-job] [--ours-only]
+        [--workers K] [--problems realistic|latent] [--exponent -0.75] [--quick]
 
 Lines 1-2: one fit at p = 1,024 and p = 4,096 (n = 1,854 concepts of which 865 train,
 N = 25,600 training triplets, shrinkage, lambda = 1e-4). Both objectives are re-evaluated by the
@@ -13,6 +14,20 @@ the first F folds only and ``--reference-lambdas 1e-6,1e-2,1e2`` on those lambda
 is then scaled up to all 132 fits, and the line says on how many fits it was measured. Targets
 (2 CPU cores): objective never above the reference's + 1e-4; >= 20x at p = 4,096, >= 3x at
 p = 1,024, >= 10x for the job.
+
+Problems (``bench/problems.py``), ``--problems``:
+
+* ``realistic`` (default): power-law features like pooled features of trained vision networks
+  (singular values ~ k**exponent, ``--exponent`` -0.75, rectified, mean squared norm 4). The
+  job's 4 candidates each share 80 % of their code variance with one generator (p = 1,024, the
+  same exponent) whose calibrated softmax (mean max-probability 0.678) samples the answers of all
+  3 folds; a single line's candidate has its own generator of the same p.
+* ``latent``: the latent-code problems of the earlier benchmark (nearly all variance in a few
+  directions: easy fits that flatter the fitter).
+
+``--quick`` is a smoke configuration (n = 300 concepts, single lines at p = 64 and 128 with
+N = 2,000, the job with p = 16, 32, 48, 64 and N = 800); the full-size lines need a quiet machine.
+For whole-process timings on realistic problems see ``bench/realistic_speed.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from problems import choices, features, latent_codes  # noqa: E402
+from problems import (  # noqa: E402
+    choices,
+    features,
+    latent_codes,
+    make_generator,
+    realistic_problem,
+)
 from reference import reference_fit  # noqa: E402
 
 from recovery_assets.core.probe import (  # noqa: E402
@@ -39,6 +60,11 @@ from recovery_assets.core.probe import (  # noqa: E402
 from recovery_assets.core.triplets import concept_folds, sample_unique_triplets  # noqa: E402
 
 N_CONCEPTS = 1854
+SINGLE_P = (1024, 4096)
+SINGLE_N = 25_600
+JOB_P = (256, 512, 1024, 2048)
+JOB_N = 6_400
+GENERATOR_P = 1024
 SPEC = ProbeSpec.parse("full", "shrinkage")
 LAMS = [10.0**e for e in range(-6, 5)]
 
@@ -57,11 +83,16 @@ def ours(X, trip, ans, lams, device):
     return Ws, time.perf_counter() - t0
 
 
-def single(p: int, latent, device: str) -> dict:
-    fold = concept_folds(N_CONCEPTS, 0)[0]
-    trip = sample_unique_triplets(fold.train, 25_600, 0)
-    ans = choices(latent, trip, 0)
-    X = features(latent, p, 0)
+def single(p: int, latent, device: str, exponent: float | None = None) -> dict:
+    """One fit at p; ``latent`` None: the realistic problem with this power-law exponent."""
+    if latent is None:
+        problem = realistic_problem(p, exponent, N_CONCEPTS, SINGLE_N, 0)
+        X, trip, ans = problem.features, problem.triplets, problem.answers
+    else:
+        fold = concept_folds(N_CONCEPTS, 0)[0]
+        trip = sample_unique_triplets(fold.train, SINGLE_N, 0)
+        ans = choices(latent, trip, 0)
+        X = features(latent, p, 0)
     (W,), t_ours = ours(X, trip, ans, [1e-4], device)
     W_ref, _, t_ref, _ = reference_fit(X, trip, ans, 1e-4, device=device)
     o_ours = probe_objective(W, X, trip, ans, 1e-4, SPEC)
@@ -70,15 +101,29 @@ def single(p: int, latent, device: str) -> dict:
 
 
 def job(
-    latent, device: str, reference_folds: int, reference_lams: list[float] | None, workers=None
+    latent,
+    device: str,
+    reference_folds: int,
+    reference_lams: list[float] | None,
+    workers=None,
+    exponent: float | None = None,
 ) -> dict:
-    dims = [256, 512, 1024, 2048]
+    """The batched job; ``latent`` None: realistic candidates (power law, ``exponent``) and
+    answers sampled from one calibrated power-law generator (p = ``GENERATOR_P``)."""
+    dims = list(JOB_P)
     folds = concept_folds(N_CONCEPTS, 1)
+    gen = None
+    if latent is None:
+        gen = make_generator(N_CONCEPTS, GENERATOR_P, exponent, 20_000)
     data = []
     for f, fold in enumerate(folds):
-        trip = sample_unique_triplets(fold.train, 6_400, 100 + f)
-        data.append((trip, choices(latent, trip, 100 + f)))
-    feats = {p: features(latent, p, p) for p in dims}
+        trip = sample_unique_triplets(fold.train, JOB_N, 100 + f)
+        ans = choices(latent, trip, 100 + f) if gen is None else gen.answers(trip, 100 + f)
+        data.append((trip, ans))
+    if gen is None:
+        feats = {p: features(latent, p, p) for p in dims}
+    else:
+        feats = {p: gen.candidate(p, p) for p in dims}
     problems = [FitProblem(feats[p], t, a, LAMS) for (t, a) in data for p in dims]
     _sync(device)
     t0 = time.perf_counter()
@@ -136,12 +181,28 @@ def main() -> None:
         default=None,
         help="concurrent batches of the job (default: fit_probes' choice; 1: one after another)",
     )
+    ap.add_argument(
+        "--problems",
+        choices=["realistic", "latent"],
+        default="realistic",
+        help="realistic: power-law features, calibrated generator answers; latent: the old ones",
+    )
+    ap.add_argument("--exponent", type=float, default=-0.75, help="power-law exponent (realistic)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     args = ap.parse_args()
+    global N_CONCEPTS, SINGLE_P, SINGLE_N, JOB_P, JOB_N, GENERATOR_P
+    if args.quick:
+        N_CONCEPTS, SINGLE_P, SINGLE_N = 300, (64, 128), 2000
+        JOB_P, JOB_N, GENERATOR_P = (16, 32, 48, 64), 800, 64
     torch.manual_seed(0)
-    latent = latent_codes(N_CONCEPTS)
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}", flush=True)
-    for p in () if args.skip_single else (1024, 4096):
-        r = single(p, latent, args.device)
+    latent = latent_codes(N_CONCEPTS) if args.problems == "latent" else None
+    print(
+        f"device {args.device}, torch threads {torch.get_num_threads()}, problems "
+        f"{args.problems}" + ("" if latent is not None else f" (exponent {args.exponent:g})"),
+        flush=True,
+    )
+    for p in () if args.skip_single else SINGLE_P:
+        r = single(p, latent, args.device, args.exponent)
         print(
             f"single fit p={p:>4}: ours {r['t_ours']:7.1f} s (objective {r['o_ours']:.6f}) | "
             f"reference {r['t_ref']:7.1f} s (objective {r['o_ref']:.6f}) | "
@@ -154,7 +215,7 @@ def main() -> None:
         if args.reference_lambdas:
             lams = [float(x) for x in args.reference_lambdas.split(",")]
         refs = [] if args.ours_only else lams
-        r = job(latent, args.device, args.reference_folds, refs, args.workers)
+        r = job(latent, args.device, args.reference_folds, refs, args.workers, args.exponent)
         if r["t_ref"] is None:
             print(f"recovery job 132 fits: ours {r['t_ours']:7.1f} s (reference not run)")
             return

@@ -3,10 +3,21 @@
 W is the full p x p matrix from the identity; every step forms the full n x n Gram of all concepts;
 torch L-BFGS with a strong-Wolfe line search (max_iter 150, max_eval 450, tolerance_grad 1e-7,
 tolerance_change 1e-4, history 50), outer steps until the relative change of the objective < 1e-7.
+
+As a whole process (timed by ``bench/realistic_speed.py`` like ``recovery fit-probe``):
+
+    .venv/bin/python bench/reference.py --features X.npy --triplets T.npy --answers A.npy
+        [--lam 1e-4] [--device cpu|cuda] [--out W.npy] [--max-outer 100]
+
+prints one JSON line: objective (the §4 objective at the returned W, evaluated in float64 by
+``recovery_assets.core.probe.probe_objective``, full W, shrinkage), objective_float32 (the fit's
+own last value), outer_steps, seconds (the fit alone, without start-up and evaluation).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 
 import numpy as np
@@ -60,3 +71,41 @@ def reference_fit(X, trip, ans, lam: float, max_outer: int = 100, device: str = 
     if W.device.type == "cuda":
         torch.cuda.synchronize()
     return W.detach().cpu().numpy(), cur, time.perf_counter() - t0, steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="the plain reference probe fit, as a whole process")
+    ap.add_argument("--features", required=True, help="X.npy: float array (n, p)")
+    ap.add_argument("--triplets", required=True, help="T.npy: int array (m, 3)")
+    ap.add_argument("--answers", required=True, help="A.npy: int array (m,) in {0,1,2}")
+    ap.add_argument("--lam", type=float, default=1e-4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="where to write W.npy (float32)")
+    ap.add_argument("--max-outer", type=int, default=100)
+    args = ap.parse_args(argv)
+    X = np.load(args.features)
+    trip = np.load(args.triplets)
+    ans = np.load(args.answers)
+    W, obj32, seconds, steps = reference_fit(
+        X, trip, ans, args.lam, max_outer=args.max_outer, device=args.device
+    )
+    if args.out:
+        np.save(args.out, W.astype(np.float32))
+
+    from recovery_assets.core.probe import ProbeSpec, probe_objective
+
+    objective = probe_objective(W, X, trip, ans, args.lam, ProbeSpec.parse("full", "shrinkage"))
+    record = {
+        "objective": objective,
+        "objective_float32": obj32,
+        "outer_steps": steps,
+        "seconds": round(seconds, 4),
+        "lam": args.lam,
+        "device": args.device,
+        "shape": list(W.shape),
+    }
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
