@@ -35,49 +35,15 @@ def load_npy(path: str, option: str) -> np.ndarray:
 
 
 def validate_probe_inputs(X, T, A, paths: dict[str, str]) -> None:
-    """Shapes, dtypes, ranges and finiteness of a probe problem (features, triplets, answers)."""
-    fx, ft, fa = paths["features"], paths["triplets"], paths["answers"]
-    if X.ndim != 2 or X.shape[0] < 3 or X.shape[1] < 1:
-        raise InputError(f"--features {fx}: expected a 2-D array (n >= 3, p), got shape {X.shape}")
-    if not np.issubdtype(X.dtype, np.floating):
-        raise InputError(f"--features {fx}: expected a float array, got dtype {X.dtype}")
-    bad = ~np.isfinite(X)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise InputError(
-            f"--features {fx}: {int(bad.sum())} NaN or inf values (first at row {row}, "
-            f"column {col})"
-        )
-    if T.ndim != 2 or T.shape[1] != 3 or T.shape[0] < 1:
-        raise InputError(f"--triplets {ft}: expected an int array of shape (m, 3), got {T.shape}")
-    if not np.issubdtype(T.dtype, np.integer):
-        raise InputError(f"--triplets {ft}: expected an integer array, got dtype {T.dtype}")
-    n = X.shape[0]
-    out = (T < 0) | (T >= n)
-    if out.any():
-        row = int(np.argwhere(out.any(1))[0, 0])
-        raise InputError(
-            f"--triplets {ft}: concept index out of range [0, {n}) in row {row}: "
-            f"{T[row].tolist()} ({int(out.any(1).sum())} rows in all)"
-        )
-    rep = (T[:, 0] == T[:, 1]) | (T[:, 0] == T[:, 2]) | (T[:, 1] == T[:, 2])
-    if rep.any():
-        row = int(np.argmax(rep))
-        raise InputError(f"--triplets {ft}: row {row} repeats a concept: {T[row].tolist()}")
-    if A.ndim != 1 or A.shape[0] != T.shape[0]:
-        raise InputError(
-            f"--answers {fa}: expected a 1-D array with one answer per triplet "
-            f"({T.shape[0]}), got shape {A.shape}"
-        )
-    if not np.issubdtype(A.dtype, np.integer):
-        raise InputError(f"--answers {fa}: expected an integer array, got dtype {A.dtype}")
-    bad_a = (A < 0) | (A > 2)
-    if bad_a.any():
-        row = int(np.argmax(bad_a))
-        raise InputError(
-            f"--answers {fa}: answers must be 0, 1 or 2 (the odd one's position); row {row} "
-            f"is {int(A[row])}"
-        )
+    """Shapes, dtypes, ranges and finiteness of a probe problem, the messages naming the options
+    and files (``check_probe_inputs``)."""
+    from recovery_assets.core.estimator import ProbeInputError, check_probe_inputs
+
+    names = tuple(f"--{k} {paths[k]}" for k in ("features", "triplets", "answers"))
+    try:
+        check_probe_inputs(X, T, A, names)
+    except ProbeInputError as exc:
+        raise InputError(str(exc)) from None
 
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
