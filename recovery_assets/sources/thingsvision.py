@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from recovery_assets.sources.checksums import file_sha256
 from recovery_assets.sources.features import (
     FEATURES_KEY,
     FeatureFileError,
@@ -69,7 +70,6 @@ from recovery_assets.sources.features import (
     _examples,
     _numeric_matrix,
     _read_npy,
-    _sha256,
     _short,
 )
 
@@ -441,11 +441,11 @@ def load_thingsvision_features(
             features[i] = matrix[rows].mean(axis=0, dtype=np.float64)
     info = {
         "path": str(p),
-        "sha256": _sha256(p),
+        "sha256": file_sha256(p),
         "format": fmt,
         "order": ORDER,
         "file_names": str(list_path),
-        "file_names_sha256": _sha256(list_path),
+        "file_names_sha256": file_sha256(list_path),
         "concept_image": concept_image,
         "n": int(features.shape[0]),
         "p": int(features.shape[1]),
