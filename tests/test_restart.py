@@ -77,8 +77,9 @@ def test_sigterm_stops_within_seconds_and_marks_the_run_failed(env, tmp_path, si
 def test_sigkill_then_restart_resumes_to_the_same_tables(tiny_run, env, tmp_path):
     log = tmp_path / "killed.log"
     proc = spawn([RECOVERY, "study", "--study", "tiny"], env, log)
-    _wait_for(log, "candidate_scores [", proc)  # one recovery job done, the next one running
-    time.sleep(1.5)
+    # the first recovery job's fitting has started: its run is in progress for a while yet
+    # (fitting, scoring, writing), so the kill lands inside it
+    _wait_for(log, "fitting 3 candidates x", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     home = Path(env["DAGSTER_HOME"])
