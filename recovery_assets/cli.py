@@ -456,7 +456,7 @@ def validate_things_cmd(folder, n_concepts, images, layout, features) -> None:
     """
     from recovery_assets.sources.features import FeatureFileError, load_feature_file
     from recovery_assets.sources.things import CONCEPTS_FILE, ThingsDataError, read_concepts
-    from recovery_assets.sources.things import validate_things as validate
+    from recovery_assets.sources.validate_things import validate_things as validate
 
     reference, problems = None, []
     if features is not None:

@@ -27,7 +27,8 @@ from recovery_assets.sources.human import (
     load_human_judgements,
     read_release_table,
 )
-from recovery_assets.sources.things import pixel_reference, validate_things
+from recovery_assets.sources.things import pixel_reference
+from recovery_assets.sources.validate_things import validate_things
 
 N = 36  # concepts of the default test folder
 TESTSETS = ("testset1", "testset2", "testset3")

@@ -23,8 +23,8 @@ from recovery_assets.sources.things import (
     pixel_reference,
     read_concepts,
     require_images,
-    validate_things,
 )
+from recovery_assets.sources.validate_things import validate_things
 
 # Ids whose sorted order differs from the file order (docs/method.md §2).
 IDS = ["camera_lens", "camera1", "camera2", "aardvark", "zebra"]
