@@ -178,14 +178,19 @@ def test_own_coordinate_problems_of_different_p_are_not_stacked(monkeypatch):
     assert [f[0].p for f in fits] == [8, 9]
 
 
-def test_max_batch_splits_and_log_reports_every_batch(monkeypatch):
+def two_problems_in_one_batch(seed: int):
+    """Two small problems x 3 lambdas, and their fits in one batch (the reference)."""
     datas = [
-        make_problem(41, p=6, n_train=20, n_trip=100),
-        make_problem(42, p=12, n_train=18, n_trip=120),
+        make_problem(seed, p=6, n_train=20, n_trip=100),
+        make_problem(seed + 1, p=12, n_train=18, n_trip=120),
     ]
     spec = ProbeSpec.parse("full", "shrinkage")
     problems = [as_problem(d, [0.01, 0.1, 1.0]) for d in datas]
-    one_batch = fit_probes(problems, spec, max_batch=100, **TIGHT)
+    return datas, spec, problems, fit_probes(problems, spec, max_batch=100, **TIGHT)
+
+
+def test_max_batch_splits_and_log_reports_every_batch(monkeypatch):
+    datas, spec, problems, one_batch = two_problems_in_one_batch(41)
     spy = Spy(monkeypatch)
     messages = []
     split = fit_probes(problems, spec, max_batch=2, log=messages.append, **TIGHT)
@@ -203,13 +208,7 @@ def test_out_of_device_memory_refits_the_batch_in_halves(monkeypatch):
     """A batch that runs out of device memory (torch.OutOfMemoryError, as CUDA raises it) is
     fitted again as two halves, and later batches take the smaller size at once; the fits equal
     those of one batch. One fit that does not fit is the caller's error."""
-    datas = [
-        make_problem(43, p=6, n_train=20, n_trip=100),
-        make_problem(44, p=12, n_train=18, n_trip=120),
-    ]
-    spec = ProbeSpec.parse("full", "shrinkage")
-    problems = [as_problem(d, [0.01, 0.1, 1.0]) for d in datas]
-    one_batch = fit_probes(problems, spec, max_batch=100, **TIGHT)
+    datas, spec, problems, one_batch = two_problems_in_one_batch(43)
 
     tried = []
     real = probe._fit_context
