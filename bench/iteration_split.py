@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from problems import choices, features, latent_codes  # noqa: E402
 
-from recovery_assets.core import optim, probe  # noqa: E402
-from recovery_assets.core.probe import FitProblem, ProbeSpec, fit_probes  # noqa: E402
+from recovery_assets.core import optim  # noqa: E402
+from recovery_assets.core.probe import FitProblem, ProbeSpec, fit_probes, objective  # noqa: E402
 from recovery_assets.core.triplets import concept_folds, sample_unique_triplets  # noqa: E402
 
 TOTALS: dict[str, float] = {}
@@ -56,9 +56,9 @@ def main() -> None:
         )
         return timed("whole iteration", lbfgs)(parts, x0, **kwargs)
 
-    probe.optim.lbfgs = timed_lbfgs
+    optim.lbfgs = timed_lbfgs
     optim._two_loop = timed("two-loop recursion", optim._two_loop)
-    probe._data_backward = timed("  of which sparse backward", probe._data_backward)
+    objective._data_backward = timed("  of which sparse backward", objective._data_backward)
     t0 = time.perf_counter()
     fits = fit_probes([problem], ProbeSpec.parse("full", "shrinkage"))[0]
     total = time.perf_counter() - t0

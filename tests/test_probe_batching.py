@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from recovery_assets.core import probe
-from recovery_assets.core.probe import FitProblem, ProbeSpec, fit_probes, probe_objective
+from recovery_assets.core.probe import (
+    FitProblem,
+    ProbeSpec,
+    batching,
+    data_term,
+    fit_probes,
+    kernels,
+    probe_objective,
+    reduction,
+)
 
 F64 = torch.float64
 TIGHT = dict(dtype=F64, rel_tol=1e-13, max_iter=5000, history=20)
@@ -50,7 +59,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = probe._fit_context
+        real = batching._fit_context
 
         def spy(ctx, spec, lams, *args, **kwargs):
             self.calls.append(
@@ -69,7 +78,7 @@ class Spy:
             )
             return real(ctx, spec, lams, *args, **kwargs)
 
-        monkeypatch.setattr(probe, "_fit_context", spy)
+        monkeypatch.setattr(batching, "_fit_context", spy)
 
 
 def check_same(together, alone, datas, spec, mat_tol=1e-6):
@@ -211,7 +220,7 @@ def test_out_of_device_memory_refits_the_batch_in_halves(monkeypatch):
     datas, spec, problems, one_batch = two_problems_in_one_batch(43)
 
     tried = []
-    real = probe._fit_context
+    real = batching._fit_context
 
     def small_device(ctx, spec, lams, *args, **kwargs):
         tried.append(len(lams))
@@ -219,7 +228,7 @@ def test_out_of_device_memory_refits_the_batch_in_halves(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(ctx, spec, lams, *args, **kwargs)
 
-    monkeypatch.setattr(probe, "_fit_context", small_device)
+    monkeypatch.setattr(batching, "_fit_context", small_device)
     messages = []
     fits = fit_probes(problems, spec, max_batch=3, log=messages.append, **TIGHT)
     # batches of 3: the first fails and is refitted as 2 + 1; the second is split before trying
@@ -228,7 +237,7 @@ def test_out_of_device_memory_refits_the_batch_in_halves(monkeypatch):
     assert "in batches of at most 2" in messages[0]
     check_same(fits, one_batch, datas, spec)
 
-    monkeypatch.setattr(probe, "_fit_context", lambda *a, **k: small_device(a[0], a[1], [0] * 3))
+    monkeypatch.setattr(batching, "_fit_context", lambda *a, **k: small_device(a[0], a[1], [0] * 3))
     with pytest.raises(torch.OutOfMemoryError):
         fit_probes(problems[:1], spec, max_batch=1, **TIGHT)
 
@@ -257,13 +266,13 @@ def test_sparse_data_term_equals_the_gram_path(shared, dtype):
     ans = torch.randint(0, 3, (trip.shape[0], N), generator=g)
     w = torch.full((trip.shape[0], N), 1.0 / N, dtype=dtype)
     pidx = probe.pair_index(trip, n)
-    dense = probe._data_term(Z, pidx, ans, w)
-    patterns = [probe._pair_pattern(trip[0 if shared else b], n) for b in range(B)]
+    dense = data_term._data_term(Z, pidx, ans, w)
+    patterns = [data_term._pair_pattern(trip[0 if shared else b], n) for b in range(B)]
     assert all(p.rows.shape[0] < n * n // 4 for p in patterns)  # really sparse
     # S is sampled once per unordered pair; the gradient's pattern holds both orientations
     assert all(2 * p.half_rows.shape[0] == p.rows.shape[0] for p in patterns)
     assert all(bool((p.half_rows < p.half_cols).all()) for p in patterns)
-    sparse = probe._data_term(Z, pidx, ans, w, probe._BlockPattern.of(patterns, n))
+    sparse = data_term._data_term(Z, pidx, ans, w, data_term._BlockPattern.of(patterns, n))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse[0], dense[0], **tol)
     torch.testing.assert_close(sparse[1], dense[1], **tol)
@@ -280,9 +289,9 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
         problems.append(FitProblem(X, trip, rng.integers(0, 3, 120), [1e-3, 1e-1]))
     spec = ProbeSpec.parse("full", "shrinkage")
     kw = dict(device="cpu", dtype=torch.float64, max_iter=300)
-    monkeypatch.setattr(probe, "SPARSE_RATIO", 10**6)  # nnz * ratio < n^2 never holds: dense
+    monkeypatch.setattr(data_term, "SPARSE_RATIO", 10**6)  # nnz * ratio < n^2 never holds: dense
     dense = fit_probes(problems, spec, **kw)
-    monkeypatch.setattr(probe, "SPARSE_RATIO", 0)  # always holds: sparse (6 N < n^2 here)
+    monkeypatch.setattr(data_term, "SPARSE_RATIO", 0)  # always holds: sparse (6 N < n^2 here)
     sparse = fit_probes(problems, spec, **kw)
     for problem, fd, fs in zip(problems, dense, sparse, strict=True):
         for lam, a, b in zip(problem.lams, fd, fs, strict=True):
@@ -308,11 +317,11 @@ def test_large_reduced_problem_is_padded_to_a_blas_friendly_size(monkeypatch):
     d = make_problem(61, p=270, n_train=300, n_trip=800)  # r = 270 -> q = 272
     spec = ProbeSpec.parse("full", "shrinkage")
     kw = dict(dtype=F64, rel_tol=1e-12, max_iter=3000, history=20)
-    monkeypatch.setattr(probe, "PAD_MIN", 10**9)
+    monkeypatch.setattr(reduction, "PAD_MIN", 10**9)
     spy = Spy(monkeypatch)
     (plain,) = fit_probes([as_problem(d, [0.3])], spec, **kw)[0]
     assert spy.calls[-1]["q"] == 270
-    monkeypatch.setattr(probe, "PAD_MIN", 256)
+    monkeypatch.setattr(reduction, "PAD_MIN", 256)
     (padded,) = fit_probes([as_problem(d, [0.3])], spec, **kw)[0]
     assert spy.calls[-1]["q"] == 272 and spy.calls[-1]["r"] == [270]
     assert tuple(padded.A.shape) == (270, 270)
@@ -324,7 +333,7 @@ def test_large_reduced_problem_is_padded_to_a_blas_friendly_size(monkeypatch):
 )
 def test_per_problem_matmul_equals_the_batched_one(monkeypatch, shapes):
     """On the CPU ``_bmm`` loops over problems (one BLAS call each), broadcasting a leading 1."""
-    monkeypatch.setattr(probe, "LOOP_MM_MIN", 0)  # loop even at these tiny sizes
+    monkeypatch.setattr(kernels, "LOOP_MM_MIN", 0)  # loop even at these tiny sizes
     calls = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
@@ -332,7 +341,7 @@ def test_per_problem_matmul_equals_the_batched_one(monkeypatch, shapes):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(*a_shape, generator=g)
     b = torch.randn(*b_shape[:1], b_shape[2], b_shape[1], generator=g).transpose(1, 2)
-    torch.testing.assert_close(probe._bmm(a, b), a @ b)
+    torch.testing.assert_close(kernels._bmm(a, b), a @ b)
     assert len(calls) == 5  # one per problem
 
 
@@ -344,7 +353,7 @@ def test_triangular_tail_is_an_orthogonal_change_of_basis():
     Xt = torch.randn(m, 12, generator=g, dtype=F64) @ torch.randn(12, p, generator=g, dtype=F64)
     Xt += 0.05 * torch.randn(m, p, generator=g, dtype=F64)  # a few strong directions + a floor
     V0, C0 = probe.row_space_basis(Xt)
-    V, C, lead = probe._triangular_tail(V0, C0)
+    V, C, lead = reduction._triangular_tail(V0, C0)
     s2 = (C0 * C0).sum(0)
     assert lead == int((s2 > s2.mean()).sum()) and 0 < lead < C.shape[1]
     torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1], dtype=F64), atol=1e-12, rtol=0)
@@ -360,16 +369,16 @@ def test_triangular_tail_is_an_orthogonal_change_of_basis():
 def test_structured_products_equal_the_dense_ones(monkeypatch, n, q, lead, rows):
     """``_image`` and ``_back`` skip the zero blocks of a tail-triangular Xs and still give
     Xs @ M^T and dZ^T @ Xs exactly (every block boundary included)."""
-    monkeypatch.setattr(probe, "TRI_ROWS", rows)
+    monkeypatch.setattr(kernels, "TRI_ROWS", rows)
     g = torch.Generator().manual_seed(n + q)
     Xs = torch.randn(1, n, q, generator=g, dtype=F64)
     Xs[0, :, lead:] = torch.tril(Xs[0, :, lead:])  # column lead + j is zero on concepts i < j
     M = torch.randn(3, q, q, generator=g, dtype=F64)
     dZ = torch.randn(3, n, q, generator=g, dtype=F64)
-    assert len(probe._row_blocks(n)) > 2
-    torch.testing.assert_close(probe._image(Xs, M, lead), Xs @ M.transpose(1, 2))
-    torch.testing.assert_close(probe._back(dZ, Xs, lead), dZ.transpose(1, 2) @ Xs)
-    torch.testing.assert_close(probe._image(Xs, M, None), Xs @ M.transpose(1, 2))
+    assert len(kernels._row_blocks(n)) > 2
+    torch.testing.assert_close(kernels._image(Xs, M, lead), Xs @ M.transpose(1, 2))
+    torch.testing.assert_close(kernels._back(dZ, Xs, lead), dZ.transpose(1, 2) @ Xs)
+    torch.testing.assert_close(kernels._image(Xs, M, None), Xs @ M.transpose(1, 2))
 
 
 def test_fit_in_the_tail_triangular_basis_equals_the_plain_fit(monkeypatch):
@@ -378,15 +387,15 @@ def test_fit_in_the_tail_triangular_basis_equals_the_plain_fit(monkeypatch):
     d = make_problem(71, p=40, n_train=30, n_trip=150)
     spec = ProbeSpec.parse("full", "shrinkage")
     lams = [0.03, 0.3]
-    monkeypatch.setattr(probe, "TRI_MIN", 10**9)
+    monkeypatch.setattr(reduction, "TRI_MIN", 10**9)
     spy = Spy(monkeypatch)
     plain = fit_probes([as_problem(d, lams)], spec, **TIGHT)[0]
     assert spy.calls[-1]["q"] == 30
-    monkeypatch.setattr(probe, "TRI_MIN", 8)
-    monkeypatch.setattr(probe, "TRI_ROWS", 7)
+    monkeypatch.setattr(reduction, "TRI_MIN", 8)
+    monkeypatch.setattr(kernels, "TRI_ROWS", 7)
     seen = []
-    real = probe._triangular_tail
-    monkeypatch.setattr(probe, "_triangular_tail", lambda V, C: seen.append(1) or real(V, C))
+    real = reduction._triangular_tail
+    monkeypatch.setattr(reduction, "_triangular_tail", lambda V, C: seen.append(1) or real(V, C))
     tri = fit_probes([as_problem(d, lams)], spec, **TIGHT)[0]
     assert seen == [1]
     for a, b, lam in zip(plain, tri, lams, strict=True):
@@ -438,25 +447,25 @@ def test_default_workers_follow_torch_threads_on_the_cpu(monkeypatch, four_threa
 
     seen = threads_of_batches(max_batch=1)
     assert len(seen) == 2 and main not in seen  # 2 batches: 2 workers
-    assert probe._available_memory() > 0  # known on Linux
+    assert batching._available_memory() > 0  # known on Linux
     assert threads_of_batches() == [main]  # one batch: run in place, on all threads
-    monkeypatch.setattr(probe, "_available_memory", lambda: 10_000)  # room for no second batch
+    monkeypatch.setattr(batching, "_available_memory", lambda: 10_000)  # room for no second batch
     assert threads_of_batches(max_batch=1) == [main] * 2
-    monkeypatch.setattr(probe, "_available_memory", lambda: None)  # unknown: no cap
+    monkeypatch.setattr(batching, "_available_memory", lambda: None)  # unknown: no cap
     torch.set_num_threads(1)
     assert threads_of_batches(max_batch=1) == [main] * 2  # one thread: one after another
 
 
 def test_an_error_in_a_concurrent_batch_reaches_the_caller(monkeypatch, four_threads):
     d = make_problem(81, p=6, n_train=12, n_trip=60)
-    real = probe._fit_context
+    real = batching._fit_context
 
     def failing(ctx, spec, lams, *args, **kwargs):
         if lams == [1.0]:
             raise RuntimeError("batch failed")
         return real(ctx, spec, lams, *args, **kwargs)
 
-    monkeypatch.setattr(probe, "_fit_context", failing)
+    monkeypatch.setattr(batching, "_fit_context", failing)
     with pytest.raises(RuntimeError, match="batch failed"):
         fit_probes([as_problem(d, [0.01, 0.1, 1.0])], ProbeSpec(), max_batch=1, workers=2)
     assert torch.get_num_threads() == 4

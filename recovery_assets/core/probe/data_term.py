@@ -1,0 +1,228 @@
+"""The data term of docs/method.md §4 ("Logits", "Objective"): the weighted cross-entropy of the
+odd-one-out choices and its gradient with respect to Z = X W^T.
+
+For a triplet (i, j, k) the logits are [s_jk, s_ik, s_ij] with s_ab = z_a . z_b (``pair_index``,
+``logits_from_similarity``). The loss is accumulated in float64 from the N x 3 logits
+(``_choice_gradient``); the gradient is dL/dZ = (G + G^T) Z. Dense data form the Gram matrix
+S = Z Z^T; when the triplets' pairs are a small part of the n^2 the sparse path samples S at the
+fixed pair pattern (``_PairPattern``, block-diagonal over a batch: ``_BlockPattern``) and takes a
+sparse-dense product (docs/exact-fit.md, "The data term: dense or sparse"). ``choice_metrics``:
+accuracy and NLL of given logits.
+
+SPARSE_RATIO and SPARSE_DEVICES are read at call time from this module (``_sparse_patterns``):
+change them here (``data_term.SPARSE_RATIO``), not on the package.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+def pair_index(triplets: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat indices into an n x n similarity matrix of the pairs [jk, ik, ij] of each triplet."""
+    i, j, k = triplets.unbind(-1)
+    return torch.stack([j * n + k, i * n + k, i * n + j], dim=-1)
+
+
+def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
+    """Gather the (B, N, 3) logits [s_jk, s_ik, s_ij] from similarities S (B, n, n)."""
+    B, n, _ = S.shape
+    flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
+    return S.reshape(B, n * n).gather(1, flat).reshape(B, -1, 3)
+
+
+# Sparse path: the loss needs S = Z Z^T only at the triplets' pairs, and the gradient's G only has
+# those entries. When the pairs are a small part of the n^2 (synthetic jobs: N = 6,400 triplets over
+# 865 concepts touch 5% of them) S is sampled at each pair once (SDDMM: S is symmetric, so q
+# multiply-adds per unordered pair instead of n^2 q) and dL/dZ = (G + G^T) Z is a sparse-dense
+# product over both orientations. The pattern is fixed for a fit, so its CSR structure is built
+# once. Dense data (millions of human triplets) keeps the Gram matrix.
+SPARSE_RATIO = 8  # sparse when nnz * SPARSE_RATIO < n^2 (both orientations of each pair count)
+# Device types on which the sparse path is used. CUDA joins once `bench/gpu_check.py` has shown
+# that its sparse fits agree with the dense ones there and are faster.
+SPARSE_DEVICES = ("cpu",)
+
+
+@dataclass
+class _PairPattern:
+    """One problem's pairs in CSR (row-major) order: each pair once (for sampling S, which is
+    symmetric) and in both orientations (for the gradient's G + G^T)."""
+
+    rows: torch.Tensor  # (nnz,) both orientations of every pair
+    cols: torch.Tensor  # (nnz,)
+    fwd: torch.Tensor  # (3N,) position of (a, b) for the pairs [jk, ik, ij] of each triplet
+    rev: torch.Tensor  # (3N,) position of (b, a)
+    half_rows: torch.Tensor  # (nnz / 2,) every unordered pair once, as (min, max)
+    half_cols: torch.Tensor
+    pos: torch.Tensor  # (3N,) position of the pairs [jk, ik, ij] of each triplet in the half
+
+
+def _pair_pattern(trip: torch.Tensor, n: int) -> _PairPattern:
+    i, j, k = trip.unbind(-1)
+    first = torch.stack([j, i, i], dim=-1).reshape(-1)
+    second = torch.stack([k, k, j], dim=-1).reshape(-1)
+    keys = torch.cat([first * n + second, second * n + first])
+    uniq, inv = torch.unique(keys, return_inverse=True)  # sorted: CSR order
+    half, pos = torch.unique(
+        torch.minimum(first, second) * n + torch.maximum(first, second), return_inverse=True
+    )
+    m = first.shape[0]
+    return _PairPattern(
+        rows=uniq // n,
+        cols=uniq % n,
+        fwd=inv[:m],
+        rev=inv[m:],
+        half_rows=half // n,
+        half_cols=half % n,
+        pos=pos,
+    )
+
+
+def _csr_index(rows: list[torch.Tensor], size: int) -> torch.Tensor:
+    row = torch.cat(rows)
+    crow = torch.zeros(size + 1, dtype=torch.long, device=row.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=size), 0)
+    return crow
+
+
+@dataclass
+class _BlockPattern:
+    """Block-diagonal pattern of a batch of problems over the stacked (B n) x (B n) concepts:
+    symmetric (the gradient's G + G^T) and each pair once (where S is sampled)."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    fwd: torch.Tensor  # (B, 3N) positions in the batch's values
+    rev: torch.Tensor
+    half_crow: torch.Tensor
+    half_col: torch.Tensor
+    pos: torch.Tensor  # (B, 3N) positions in the batch's sampled similarities
+    size: int
+
+    @classmethod
+    def of(cls, patterns: list[_PairPattern], n: int) -> _BlockPattern:
+        rows, cols, fwd, rev, offset = [], [], [], [], 0
+        hrows, hcols, pos, hoffset = [], [], [], 0
+        for b, pat in enumerate(patterns):
+            rows.append(pat.rows + b * n)
+            cols.append(pat.cols + b * n)
+            fwd.append(pat.fwd + offset)
+            rev.append(pat.rev + offset)
+            offset += pat.rows.shape[0]
+            hrows.append(pat.half_rows + b * n)
+            hcols.append(pat.half_cols + b * n)
+            pos.append(pat.pos + hoffset)
+            hoffset += pat.half_rows.shape[0]
+        size = len(patterns) * n
+        return cls(
+            crow=_csr_index(rows, size),
+            col=torch.cat(cols),
+            fwd=torch.stack(fwd),
+            rev=torch.stack(rev),
+            half_crow=_csr_index(hrows, size),
+            half_col=torch.cat(hcols),
+            pos=torch.stack(pos),
+            size=size,
+        )
+
+    def matrix(self, values: torch.Tensor, half: bool = False) -> torch.Tensor:
+        crow, col = (self.half_crow, self.half_col) if half else (self.crow, self.col)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": SDDMM/SpMM are stable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                crow, col, values, (self.size, self.size), check_invariants=False
+            )
+
+
+def _sparse_patterns(trip: torch.Tensor, n: int, device: torch.device) -> list | None:
+    """The groups' pair patterns when the sparse data term is used, else None (dense).
+
+    ``trip`` (G, N, 3): each group's triplets over n local concepts. Sparse on SPARSE_DEVICES only:
+    on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is not verified yet
+    (bench/gpu_check.py does that). With 6N >= n^2 pair slots the pattern cannot be sparse unless
+    triplets repeat heavily, so dense data (millions of human triplets) skips building it.
+    """
+    maybe = device.type in SPARSE_DEVICES and 6 * trip.shape[1] < n**2
+    patterns = [_pair_pattern(trip[g], n) for g in range(trip.shape[0])] if maybe else []
+    sparse = maybe and max(p.rows.shape[0] for p in patterns) * SPARSE_RATIO < n**2
+    return patterns if sparse else None
+
+
+def _choice_gradient(logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, dtype):
+    """Weighted cross-entropy of (B, N, 3) float64 logits and its gradient w.r.t. the logits.
+
+    The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start (tiny
+    features, logits ~1e-8) its changes are far below float32 resolution, and the optimiser's
+    convergence test must still see them. The matmuls stay in the working dtype.
+    """
+    B = logits.shape[0]
+    logp = torch.log_softmax(logits, dim=-1)
+    a = ans.expand(B, -1).unsqueeze(-1)
+    ww = w.expand(B, -1).to(torch.float64)
+    loss = -(ww * logp.gather(-1, a).squeeze(-1)).sum(-1)
+    gl = logp.exp()
+    gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
+    return loss, (gl * ww.unsqueeze(-1)).to(dtype)
+
+
+def _triplet_logits(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern | None):
+    """The (B, N, 3) float64 logits [s_jk, s_ik, s_ij] of Z (B, n, q): from S sampled once per
+    unordered pair at the sparse pattern, or from the dense Gram matrix S = Z Z^T."""
+    B, n, q = Z.shape
+    if sparse is not None:
+        Zf = Z.reshape(B * n, q)
+        ones = torch.ones(sparse.half_col.shape[0], dtype=Z.dtype, device=Z.device)
+        S = torch.sparse.sampled_addmm(sparse.matrix(ones, half=True), Zf, Zf.T, beta=0.0)
+        return S.values()[sparse.pos].reshape(B, -1, 3).to(torch.float64)
+    return logits_from_similarity(Z @ Z.transpose(1, 2), pidx).to(torch.float64)
+
+
+def _data_term(
+    Z: torch.Tensor,
+    pidx: torch.Tensor,
+    ans: torch.Tensor,
+    w: torch.Tensor,
+    sparse: _BlockPattern | None = None,
+):
+    """Weighted cross-entropy of the choices and its gradient with respect to Z.
+
+    Z (B, n, q); pidx (B or 1, N, 3) flat pair indices; ans (B or 1, N); w (B or 1, N) weights
+    summing to one per problem (1/N: the mean). Dense: S = Z Z^T is formed once; the gradient with
+    respect to S is a scatter-add over the triplets; dL/dZ = (G + G^T) Z. With ``sparse`` (the
+    batch's pair pattern) S is sampled at the pairs and G + G^T is a sparse matrix: the same values
+    for a fraction of the work.
+    """
+    loss, gl = _data_value(Z, pidx, ans, w, sparse)
+    return loss, _data_backward(Z, gl, pidx, sparse)
+
+
+def _data_value(Z, pidx, ans, w, sparse: _BlockPattern | None = None):
+    """The weighted cross-entropy and its gradient with respect to the (B, N, 3) logits."""
+    return _choice_gradient(_triplet_logits(Z, pidx, sparse), ans, w, Z.dtype)
+
+
+def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None):
+    """dL/dZ = (G + G^T) Z from the logits' gradient gl (B, N, 3)."""
+    B, n, q = Z.shape
+    if sparse is not None:
+        values = torch.zeros(sparse.col.shape[0], dtype=Z.dtype, device=Z.device)
+        values.index_add_(0, sparse.fwd.reshape(-1), gl.reshape(-1))
+        values.index_add_(0, sparse.rev.reshape(-1), gl.reshape(-1))
+        return (sparse.matrix(values) @ Z.reshape(B * n, q)).reshape(B, n, q)
+    flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
+    G = torch.zeros(B, n * n, dtype=Z.dtype, device=Z.device)
+    G.scatter_add_(1, flat, gl.reshape(B, -1))
+    G = G.reshape(B, n, n)
+    return (G + G.transpose(1, 2)) @ Z
+
+
+def choice_metrics(logits: torch.Tensor, ans: torch.Tensor, temperature: float = 1.0):
+    """Accuracy (argmax == answer) and mean NLL of (B, N, 3) logits at temperature T."""
+    a = ans.expand(logits.shape[0], -1).unsqueeze(-1)
+    acc = (logits.argmax(-1, keepdim=True) == a).to(torch.float64).mean((-1, -2))
+    logp = torch.log_softmax(logits.to(torch.float64) / temperature, dim=-1)
+    nll = -logp.gather(-1, a).squeeze(-1).mean(-1)
+    return acc, nll

@@ -1,0 +1,297 @@
+"""The batched objective and one batch's fit (docs/exact-fit.md, "The optimiser").
+
+``_objective`` builds the objective of B fits in the optimiser's coordinates: the family's
+parameters (diagonal w, the full or reduced A, the rank-k M) column-preconditioned by
+D_e^2 = sigma_e^2 / mean + PRECOND_FLAT ("Preconditioning"), the data term (``data_term``, dense
+or sparse) plus lambda times the penalty (``penalties``, dispatched through its object), split at
+its linear image Z for the line search ("Split line search"). ``_scale_search`` is the first
+move, the exact 1-D search along the scaled identities ("Start"). ``_fit_context`` runs the
+optimiser (``optim.lbfgs``, or ``optim.proximal_gradient`` for a non-smooth penalty; docs/method.md
+§4, "Fitting" and "Stopping rules") and returns the fits as ``FittedProbe``.
+
+PRECOND_FLAT is read at call time from this module: change it here (``objective.PRECOND_FLAT``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from recovery_assets.core import optim
+from recovery_assets.core.probe.data_term import (
+    _BlockPattern,
+    _data_backward,
+    _data_value,
+    _sparse_patterns,
+    _triplet_logits,
+)
+from recovery_assets.core.probe.fitted import FittedProbe
+from recovery_assets.core.probe.kernels import _back, _image
+from recovery_assets.core.probe.penalties import PENALTY
+from recovery_assets.core.probe.spec import ProbeSpec
+
+if TYPE_CHECKING:
+    from recovery_assets.core.probe.batching import _Context
+
+# The flat part of the column preconditioner of a reduced problem: D_e^2 = sigma_e^2 / mean + FLAT
+# (``_objective``). Measured on the benchmark's recovery job (4 candidates x 11 lambdas x 3 folds):
+# 5 takes 6% fewer L-BFGS iterations than 3 on its r = 865 problems (3,480 against 3,700) and 1%
+# more at r = 512; 1 and 0.3 take 13-49% more, 10 and 30 more at small lambda (fewer at large).
+PRECOND_FLAT = 5.0
+# The proximal-gradient method (a non-smooth penalty) may take this many times ``max_iter``.
+PROX_ITER_FACTOR = 5
+
+
+@dataclass
+class _Objective:
+    """The batched objective of B fits, in the optimiser's coordinates x."""
+
+    smooth: Callable  # (x, idx) -> (f, g): data term (+ smooth penalty)
+    split: optim.Split  # the same objective split at its linear image Z = model(x)
+    x0: torch.Tensor  # (B, P) the identity in the optimiser's coordinates
+    lam: torch.Tensor  # (B,)
+    unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
+    shape: tuple
+    start: Callable  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
+
+
+def _objective(
+    ctx: _Context, spec: ProbeSpec, lams: list[float], gid: list[int] | None = None
+) -> _Objective:
+    """Fit b uses group gid[b] of the context (default: all use group 0)."""
+    Xg = ctx.X
+    G, _, q = Xg.shape
+    dev, dt = Xg.device, Xg.dtype
+    B = len(lams)
+    lam = torch.tensor(lams, dtype=dt, device=dev)
+    gidx = torch.tensor(gid if gid is not None else [0] * B, dtype=torch.long, device=dev)
+    family = spec.family
+    P = PENALTY[spec.penalty]
+    penalised = P.smooth  # the penalty is part of the smooth objective (not the proximal step's)
+
+    def sel(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Per-fit rows of a per-group tensor; broadcast (no copy) when there is one group."""
+        return a if G == 1 else a[gidx[idx]]
+
+    if family == "diagonal":
+        shape = (q,)
+        x0 = torch.ones(B, q, dtype=dt, device=dev)
+        Dg = torch.ones(G, q, dtype=dt, device=dev)
+
+        def model(x, Xs):
+            return Xs * x[:, None, :]
+
+        def back(dZ, x, Xs):
+            return (dZ * Xs).sum(1)
+
+        def pen(x, idx, grad=True):
+            return P.diagonal(x)
+
+    else:
+        rows = spec.k if family == "rank" else q
+        shape = (rows, q)
+        # Column preconditioning of the reduced problem: A' = A D with D_e^2 = sigma_e^2 /
+        # mean(sigma^2) + PRECOND_FLAT, sigma_e the norm of the e-th training coordinate. The data
+        # term's curvature grows with sigma_e^2 and the penalty's is flat; this change of
+        # variables balances them (an exact reparametrisation: same objective, same optimum, far
+        # fewer L-BFGS iterations). Own-coordinate fits keep D = 1.
+        # Padded coordinates (merged problems of smaller r) have mask 0: they start at 0, get
+        # zero gradient from the data and are excluded from the penalty's identity and trace.
+        r = torch.tensor(ctx.r, dtype=dt, device=dev)  # (G,) true fitting dimension
+        mask = (torch.arange(q, device=dev)[None, :] < r[:, None]).to(dt)  # (G, q)
+        if ctx.V[0] is not None:
+            sig2 = (Xg.to(torch.float64) ** 2).sum(1)
+            mean = sig2.sum(-1, keepdim=True) / r[:, None].to(torch.float64)
+            Dg = torch.sqrt(sig2 + PRECOND_FLAT * mean).clamp_min(1e-30).to(dt)
+        else:
+            Dg = torch.ones(G, q, dtype=dt, device=dev)
+        Xg = Xg / Dg[:, None, :]
+        Dinv = 1.0 / Dg  # products, not quotients, in the iteration (division is slow)
+        eye_kq = torch.eye(rows, q, dtype=dt, device=dev)  # eye(k, p) for rank:k, any k
+        x0 = (eye_kq.unsqueeze(0) * (Dg * mask)[:, None, :]).reshape(G, -1)[gidx].clone()
+        p_raw = ctx.p[0]
+
+        lead = ctx.lead if G == 1 else None
+
+        def model(x, Xs):
+            return _image(Xs, x.reshape(-1, *shape), lead)
+
+        def back(dZ, x, Xs):
+            return _back(dZ, Xs, lead).reshape(x.shape[0], -1)
+
+        if penalised:  # its true dimension: r when reduced (padding excluded), else p (or k)
+            term = P.matrix(family, p_raw, lambda idx: sel(r, idx), lambda idx: sel(mask, idx))
+
+        def pen(x, idx, grad=True):
+            """R at x and its gradient with respect to x (None unless ``grad``)."""
+            Di = sel(Dinv, idx)[:, None, :]
+            M = x.reshape(-1, *shape) * Di  # a fresh tensor
+            v, g = term(M, idx)
+            if not grad:
+                return v, None
+            return v, g.mul_(2 * Di).reshape(x.shape[0], -1)
+
+    # the sparse data term: one pair pattern per group (None: dense; data_term._sparse_patterns),
+    # block-diagonal per set of active fits
+    n_c = Xg.shape[1]
+    patterns = _sparse_patterns(ctx.trip, n_c, dev)
+    blocks: dict[tuple, _BlockPattern] = {}
+
+    def block(idx) -> _BlockPattern | None:
+        if patterns is None:
+            return None
+        key = tuple(gidx[idx].tolist())
+        if key not in blocks:
+            blocks.clear()  # the active set only shrinks: older blocks are not needed again
+            blocks[key] = _BlockPattern.of([patterns[g] for g in key], n_c)
+        return blocks[key]
+
+    # The objective split at its linear image Z = model(x), for L-BFGS (optim.Split): the line
+    # search's trial points need only the data term's value at Z (no matmul); the gradient's
+    # matmul is taken at the accepted point only. ``smooth`` is the same objective in one call.
+    def value(Z, x, idx):
+        pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
+        loss, gl = _data_value(Z, pidx, ans, w, block(idx))
+        if penalised:
+            v, _ = pen(x, idx, grad=False)
+            loss = loss + (lam[idx] * v).to(torch.float64)
+        return loss, gl
+
+    def gradient(Z, x, gl, idx):
+        dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx))
+        g = back(dZ, x, sel(Xg, idx))
+        if penalised:
+            _, gp = pen(x, idx)
+            g = g.addcmul_(lam[idx, None], gp)
+        return g
+
+    split = optim.Split(lambda x, idx: model(x, sel(Xg, idx)), value, gradient)
+
+    def smooth(x, idx):
+        Z = split.image(x, idx)
+        loss, gl = value(Z, x, idx)
+        return loss, gradient(Z, x, gl, idx)
+
+    def unpack(xb, b=0):
+        if family == "diagonal":
+            return xb.clone()
+        g = int(gidx[b])
+        out = xb.reshape(shape) / Dg[g]
+        if ctx.V[g] is not None:  # reduced: drop the padding coordinates
+            out = out[: ctx.r[g], : ctx.r[g]]
+        return out.clone()
+
+    def start():
+        every = torch.arange(B, device=dev)
+        Z = model(x0, sel(Xg, every))
+        L0 = _triplet_logits(Z, sel(ctx.pidx, every), block(every))
+        v0 = pen(x0, every)[0]
+        return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
+
+    return _Objective(smooth, split, x0, lam, unpack, shape, start)
+
+
+def _scale_search(
+    L0: torch.Tensor,
+    ans: torch.Tensor,
+    w: torch.Tensor,
+    lam: torch.Tensor,
+    v0: torch.Tensor,
+    bounds: tuple[float, float] = (1e-2, 1e6),
+    steps: int = 60,
+) -> torch.Tensor:
+    """The best scale t of the start: argmin over t of mean CE(t L0) + lam t v0, per fit.
+
+    From the identity, the transform c I (t = c^2) has logits t L0 (L0: the logits at the
+    identity) and penalty t v0 (shrinkage: 0, since a scaled identity is not penalised;
+    Frobenius: t ||I||^2). This is convex in t, so its derivative is increasing: the root is
+    bracketed by quadrupling and found by bisection, vectorised over the fits, then clipped to
+    ``bounds``. Moving the start along the one direction the shrinkage penalty leaves free is the
+    optimiser's first step: without it, at large lambda the stiff penalty makes L-BFGS steps tiny
+    along the free scale and it stops far from the optimum.
+    """
+    B = L0.shape[0]
+    a = ans.expand(B, -1).unsqueeze(-1)
+    La = L0.gather(-1, a).squeeze(-1)
+    ww = w.expand(B, -1).to(torch.float64)
+    pen = (lam.to(torch.float64) * v0.to(torch.float64)).reshape(B)
+
+    def slope(t: torch.Tensor) -> torch.Tensor:
+        P = torch.softmax(t[:, None, None] * L0, dim=-1)
+        return (ww * ((P * L0).sum(-1) - La)).sum(-1) + pen
+
+    lo, hi = torch.zeros_like(pen), torch.ones_like(pen)
+    while True:
+        grow = (slope(hi) < 0) & (hi < bounds[1])
+        if not bool(grow.any()):
+            break
+        lo, hi = torch.where(grow, hi, lo), torch.where(grow, hi * 4, hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        up = slope(mid) > 0
+        lo, hi = torch.where(up, lo, mid), torch.where(up, mid, hi)
+    return ((lo + hi) / 2).clamp(*bounds)
+
+
+def _fit_context(
+    ctx: _Context,
+    spec: ProbeSpec,
+    lams: list[float],
+    max_iter: int,
+    rel_tol: float,
+    history: int,
+    gid: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    paper: optim.PaperStop | None = None,
+) -> list[FittedProbe]:
+    """Fit the batch; ``progress(iteration, active fits)`` is called after every iteration;
+    ``paper``: stop by the paper rule instead of ``rel_tol``."""
+    gid = gid if gid is not None else [0] * len(lams)
+    obj = _objective(ctx, spec, lams, gid)
+    smooth, x0, lam = obj.smooth, obj.x0, obj.lam
+    family, penalty = spec.family, PENALTY[spec.penalty]
+    if not penalty.smooth:  # L1: the proximal-gradient method's own term
+        res = optim.proximal_gradient(
+            smooth, x0, lam, max_iter=_iteration_cap(spec, max_iter), rel_tol=rel_tol,
+            progress=progress, paper=paper,
+        )  # fmt: skip
+    else:
+        if family != "rank":  # W = c I (diagonal: w = c 1) is free under shrinkage: find c
+            L0, v0, ans, w = obj.start()
+            t = _scale_search(L0, ans, w, lam, v0)
+            x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
+        res = optim.lbfgs(
+            obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol,
+            progress=progress, paper=paper,
+        )  # fmt: skip
+
+    fits = []
+    for b, lam_b in enumerate(lams):
+        g = gid[b]
+        param = obj.unpack(res.x[b], b)
+        common = dict(
+            objective=float(res.f[b]),
+            iterations=int(res.iterations[b]),
+            evaluations=int(res.evaluations[b]),
+            converged=bool(res.converged[b]),
+        )
+        p, V, P, mu = ctx.p[g], ctx.V[g], ctx.P[g], ctx.mu[g]
+        if family == "diagonal":
+            fits.append(FittedProbe(spec, lam_b, "diagonal", p, w=param, **common))
+        elif V is not None:
+            d = penalty.scale(param)  # the profiled d (docs/exact-fit.md)
+            fits.append(
+                FittedProbe(spec, lam_b, "reduced", p, A=param, V=V, d=d, P=P, mu=mu, **common)
+            )
+        else:
+            fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, mu=mu, **common))
+    return fits
+
+
+def _iteration_cap(spec: ProbeSpec, max_iter: int) -> int:
+    """The optimiser's own iteration cap: ``max_iter``, or PROX_ITER_FACTOR times it for the
+    proximal-gradient method of a non-smooth penalty."""
+    return max_iter if PENALTY[spec.penalty].smooth else max_iter * PROX_ITER_FACTOR
