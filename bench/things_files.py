@@ -29,7 +29,7 @@ from recovery_assets.core.generator import triplet_logits  # noqa: E402
 from recovery_assets.core.triplets import positions_to_human_rows  # noqa: E402
 from recovery_assets.sources.features import write_feature_file  # noqa: E402
 from recovery_assets.sources.human import load_human_judgements  # noqa: E402
-from recovery_assets.sources.things import validate_things  # noqa: E402
+from recovery_assets.sources.validate_things import validate_things  # noqa: E402
 
 N_CONCEPTS = 1854
 SIZES = {"trainset": 4_200_000, "validationset": 453_000}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -24,12 +25,38 @@ def _fail(command: str, message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
-def load_npy(path: str, option: str) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{option} {path}: no such file")
+class ChoiceOf(click.Choice):
+    """``click.Choice`` over a tuple constant of the package, looked up when the option is parsed
+    or its help shown: the fitter's modules import torch, which ``recovery list``, ``sql`` and the
+    other light commands should not wait for."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._constant = (module, name)
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        module, name = self._constant
+        return tuple(getattr(importlib.import_module(module), name))
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and inf (nan passes every bound check)."""
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
+
+
+#: An input file: click checks that it exists, is a file and is readable (exit 2 otherwise).
+INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def load_npy(path: str | Path, option: str) -> np.ndarray:
     try:
-        return np.load(p, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user error
         raise InputError(f"{option} {path}: not a readable .npy array ({exc})") from None
 
@@ -63,16 +90,37 @@ def main() -> None:
 
 
 @main.command("fit-probe")
-@click.option("--features", "features", required=True, help="X.npy: float array (n, p)")
-@click.option("--triplets", "triplets", required=True, help="T.npy: int array (m, 3)")
-@click.option("--answers", "answers", required=True, help="A.npy: int array (m,) in {0,1,2}")
+@click.option(
+    "--features", "features", type=INPUT_FILE, required=True, help="X.npy: float array (n, p)"
+)
+@click.option(
+    "--triplets", "triplets", type=INPUT_FILE, required=True, help="T.npy: int array (m, 3)"
+)
+@click.option(
+    "--answers",
+    "answers",
+    type=INPUT_FILE,
+    required=True,
+    help="A.npy: int array (m,) in {0,1,2}",
+)
 @click.option("--family", default="full", show_default=True, help="full|diagonal|rank:k|...")
-@click.option("--penalty", default="shrinkage", show_default=True)
-@click.option("--lam", default=1e-4, show_default=True, type=float)
+@click.option(
+    "--penalty",
+    type=ChoiceOf("recovery_assets.core.probe", "PENALTIES"),
+    default="shrinkage",
+    show_default=True,
+)
+@click.option(
+    "--lam",
+    type=FiniteFloatRange(min=0.0),
+    default=1e-4,
+    show_default=True,
+    help="lambda, a finite number >= 0",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
 @click.option(
     "--stop",
-    type=click.Choice(["optimum", "paper"]),
+    type=ChoiceOf("recovery_assets.core.optim", "STOP_RULES"),
     default="optimum",
     show_default=True,
     help="stopping rule: run to the optimum, or stop where the published fits' L-BFGS settings do",
@@ -81,7 +129,13 @@ def main() -> None:
     "--max-iter", type=click.IntRange(min=1), default=1000, show_default=True,
     help="at most this many iterations",
 )  # fmt: skip
-@click.option("--out", "out", required=True, help="where to write W.npy (float32)")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="where to write W.npy (float32)",
+)
 def fit_probe(
     features, triplets, answers, family, penalty, lam, device, stop, max_iter, out
 ) -> None:
@@ -101,8 +155,6 @@ def fit_probe(
 
     try:
         spec = ProbeSpec.parse(family, penalty)
-        if not math.isfinite(lam) or lam < 0:
-            raise InputError(f"--lam must be a finite number >= 0, got {lam}")
         try:
             dev = resolve_device(device)
             torch.empty(0, device=dev)
@@ -120,8 +172,6 @@ def fit_probe(
     except (InputError, ValueError) as exc:
         _fail("fit-probe", str(exc))
 
-    if Path(out).is_dir():
-        _fail("fit-probe", f"--out {out}: is a directory; give a file name such as W.npy")
     t0 = time.perf_counter()
     try:
         problem = FitProblem(X, T, A, [lam])
@@ -431,12 +481,17 @@ def estimate_cmd(study_path: str | None, device: str, as_json: bool) -> None:
 
 
 @main.command("validate-things")
-@click.argument("folder")
-@click.option("--n-concepts", type=int, default=None, help="expected concepts (THINGS: 1854)")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--n-concepts",
+    type=click.IntRange(min=3),  # a triplet needs 3 concepts
+    default=None,
+    help="expected concepts (THINGS: 1854)",
+)
 @click.option("--images", default=None, help="image folder under FOLDER (default: images/ ...)")
 @click.option(
     "--layout",
-    type=click.Choice(["auto", "things", "flat"]),
+    type=ChoiceOf("recovery_assets.sources.things", "IMAGE_LAYOUTS"),
     default="auto",
     show_default=True,
     help="things: <id>/<id>_NNb.jpg; flat: <id>.jpg",
@@ -444,6 +499,7 @@ def estimate_cmd(study_path: str | None, device: str, as_json: bool) -> None:
 @click.option(
     "--features",
     "features",
+    type=INPUT_FILE,
     default=None,
     help="a precomputed feature file (or a thingsvision output with its file_names.txt) whose "
     "zero-shot similarity checks the convention (default: 8 x 8 pixel similarity of the images; "
@@ -461,9 +517,9 @@ def validate_things_cmd(folder, n_concepts, images, layout, features) -> None:
     reference, problems = None, []
     if features is not None:
         try:
-            ids = read_concepts(Path(folder) / CONCEPTS_FILE)["uniqueID"].astype(str).tolist()
-            names = Path(features).parent / "file_names.txt"
-            if Path(features).suffix.lower() in (".hdf5", ".h5") or names.is_file():
+            ids = read_concepts(folder / CONCEPTS_FILE)["uniqueID"].astype(str).tolist()
+            names = features.parent / "file_names.txt"
+            if features.suffix.lower() in (".hdf5", ".h5") or names.is_file():
                 from recovery_assets.sources.thingsvision import load_thingsvision_features
 
                 reference, _ = load_thingsvision_features(features, ids, file_names=names)

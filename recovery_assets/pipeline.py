@@ -46,7 +46,7 @@ def build_stimuli(study: Study, store: Store, log: Log = print) -> dict:
     """
     if study.kind == "things":
         return _build_things_stimuli(study, store, log)
-    from recovery_assets.sources.demo import demo_stimuli
+    from recovery_assets.sources.demo_stimuli import demo_stimuli
 
     s = study.stimuli
     table, images = demo_stimuli(
@@ -191,8 +191,8 @@ def build_human(study: Study, store: Store, log: Log) -> dict:
     Demo: a simulated observer answers, its answers are written as a THINGS-shaped folder. THINGS:
     the user's folder. Both are read by the same loader.
     """
+    from recovery_assets.core.pixels import pixel_reference
     from recovery_assets.sources.human import load_human_judgements
-    from recovery_assets.sources.things import pixel_reference
 
     table = store.read_table("stimuli")
     summary: dict = {}
@@ -286,7 +286,8 @@ def _canonical_table(data) -> pd.DataFrame:
 
 def _write_demo_observer(study: Study, store: Store, folder, log: Log) -> float:
     """The demo's simulated person answers; its files form a THINGS-shaped folder."""
-    from recovery_assets.sources.demo import DemoObserver, human_like_files, write_things_folder
+    from recovery_assets.sources.demo_folder import human_like_files, write_things_folder
+    from recovery_assets.sources.demo_observer import DemoObserver
 
     table, images = load_stimuli(store)
     h = study.human

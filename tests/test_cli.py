@@ -202,9 +202,8 @@ def _answer3(a):
 
 
 BAD_FILES = {
-    # case: (how to break the inputs, the option named, words of the problem)
-    "missing_features": (_missing("X"), "--features", "no such file"),
-    "missing_answers": (_missing("A"), "--answers", "no such file"),
+    # case: (how to break the inputs, the option named, words of the problem); a missing file is
+    # refused by click (test_click_refuses_bad_values)
     "features_not_npy": (_text("X"), "--features", "not a readable .npy"),
     "triplets_not_npy": (_text("T"), "--triplets", "not a readable .npy"),
     "features_1d": (_save("X", np.ones(N, dtype=np.float32)), "--features", "2-D"),
@@ -281,7 +280,7 @@ def test_fit_probe_out_is_a_directory_is_an_input_error(tmp_path):
     out.mkdir()
     res = CliRunner().invoke(main, args_for(paths, out))
     assert res.exit_code == 2, (res.exit_code, repr(res.exception))
-    assert f"--out {out}" in res.stderr
+    assert "'--out'" in res.stderr and f"'{out}' is a directory" in res.stderr
     assert list(out.iterdir()) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -308,13 +307,11 @@ def test_fit_probe_stopping_rules(tmp_path):
 
 
 BAD_OPTIONS = {
+    # values click cannot judge (a family takes a parameter, a device must be usable here); the
+    # penalty and lambda are refused by click (test_click_refuses_bad_values)
     "unknown_family": (["--family", "banana"], "unknown probe family 'banana'"),
     "rank_without_k": (["--family", "rank"], "needs a positive integer k"),
     "rank_too_large": (["--family", f"rank:{P + 1}"], "exceeds the embedding dimension"),
-    "unknown_penalty": (["--penalty", "l7"], "unknown penalty 'l7'"),
-    "negative_lambda": (["--lam", "-0.5"], "--lam must be a finite number >= 0"),
-    "nan_lambda": (["--lam", "nan"], "--lam must be a finite number >= 0"),
-    "inf_lambda": (["--lam", "inf"], "--lam must be a finite number >= 0"),
     "bad_device": (["--device", "tpu:7"], "--device tpu:7"),
 }
 
@@ -333,11 +330,130 @@ def test_fit_probe_bad_option(tmp_path, case):
     assert not out.exists()
 
 
+def _fit_probe_with(*extra: str, breaker=None):
+    """fit-probe arguments: good inputs (broken by ``breaker`` when given) and ``extra``."""
+
+    def build(folder: Path) -> list[str]:
+        paths = make_inputs(folder)
+        if breaker is not None:
+            breaker(paths, folder)
+        return args_for(paths, folder / "out" / "W.npy", *extra)
+
+    return build
+
+
+def _folder_with(*extra: str, folder: str | None = None):
+    """validate-things arguments: ``folder`` under the test folder (default: the test folder)."""
+
+    def build(tmp: Path) -> list[str]:
+        return ["validate-things", str(tmp / folder) if folder else str(tmp), *extra]
+
+    return build
+
+
+CLICK_REFUSALS = {
+    # case: (arguments built in the test folder, the option named, words of click's message)
+    "features_missing": (
+        _fit_probe_with(breaker=_missing("X")),
+        "'--features'",
+        "does not exist",
+    ),
+    "answers_missing": (_fit_probe_with(breaker=_missing("A")), "'--answers'", "does not exist"),
+    "triplets_a_directory": (
+        _fit_probe_with(breaker=lambda paths, folder: paths.update(T=folder)),
+        "'--triplets'",
+        "is a directory",
+    ),
+    "unknown_penalty": (
+        _fit_probe_with("--penalty", "l7"),
+        "'--penalty'",
+        "'l7' is not one of 'shrinkage', 'frobenius', 'l1'",
+    ),
+    "unknown_stop_rule": (
+        _fit_probe_with("--stop", "best"),
+        "'--stop'",
+        "'best' is not one of 'optimum', 'paper'",
+    ),
+    "negative_lambda": (
+        _fit_probe_with("--lam", "-0.5"),
+        "'--lam'",
+        "not in the range x>=0",
+    ),
+    "nan_lambda": (
+        _fit_probe_with("--lam", "nan"),
+        "'--lam'",
+        "not a finite number",
+    ),
+    "inf_lambda": (
+        _fit_probe_with("--lam", "inf"),
+        "'--lam'",
+        "not a finite number",
+    ),
+    "zero_max_iter": (
+        _fit_probe_with("--max-iter", "0"),
+        "'--max-iter'",
+        "not in the range x>=1",
+    ),
+    "things_folder_missing": (_folder_with(folder="nope"), "'FOLDER'", "does not exist"),
+    "things_n_concepts_2": (
+        _folder_with("--n-concepts", "2"),
+        "'--n-concepts'",
+        "not in the range x>=3",
+    ),
+    "things_unknown_layout": (
+        _folder_with("--layout", "nested"),
+        "'--layout'",
+        "'nested' is not one of 'auto', 'things', 'flat'",
+    ),
+    "things_features_missing": (
+        _folder_with("--features", "nope.npy"),
+        "'--features'",
+        "does not exist",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLICK_REFUSALS))
+def test_click_refuses_bad_values(tmp_path, case):
+    """Values click checks itself (files that must exist, fixed choices from the package's
+    constants, bounds) are a usage error: exit 2, the option and the problem named, nothing run
+    or written."""
+    build, option, problem = CLICK_REFUSALS[case]
+    args = build(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    res = invoke(args)
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
+    assert res.stdout == ""
+    assert f"Invalid value for {option}" in res.stderr and problem in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_choices_are_the_package_constants():
+    """The fixed choices come from the package, looked up only when used (no torch at import)."""
+    from recovery_assets.core.optim import STOP_RULES
+    from recovery_assets.core.probe import PENALTIES
+    from recovery_assets.sources.things import IMAGE_LAYOUTS
+
+    def choices(command: str, option: str) -> tuple:
+        (param,) = [p for p in main.commands[command].params if p.name == option]
+        return tuple(param.type.choices)
+
+    assert choices("fit-probe", "penalty") == PENALTIES
+    assert choices("fit-probe", "stop") == STOP_RULES
+    assert choices("validate-things", "layout") == IMAGE_LAYOUTS
+    code = "import sys, recovery_assets.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_fit_probe_missing_required_option(tmp_path):
-    res = invoke(["fit-probe", "--features", "x.npy"])
+    paths = make_inputs(tmp_path)  # --features must exist: click checks it before the others
+    before = sorted(tmp_path.iterdir())
+    res = invoke(["fit-probe", "--features", str(paths["X"])])
     assert res.exit_code == 2
     assert "--triplets" in res.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == before
 
 
 # ----------------------------------------------------------------------------------------------

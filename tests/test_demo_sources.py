@@ -12,19 +12,16 @@ import pytest
 import timm
 import torch
 
+from recovery_assets.core.ceiling import calibrate_observer_temperature, expected_noise_ceiling
 from recovery_assets.core.triplets import noise_ceiling, sample_unique_triplets
-from recovery_assets.sources.demo import (
+from recovery_assets.sources.demo_folder import FILE_KEYS, human_like_files, write_things_folder
+from recovery_assets.sources.demo_observer import DemoObserver
+from recovery_assets.sources.demo_stimuli import (
     DEMO_CROPS_PER_FAMILY,
     DEMO_IMAGE_SIZE,
     DEMO_N_FAMILIES,
-    FILE_KEYS,
     PHOTO_FAMILIES,
-    DemoObserver,
-    calibrate_observer_temperature,
     demo_stimuli,
-    expected_noise_ceiling,
-    human_like_files,
-    write_things_folder,
 )
 from recovery_assets.sources.timm_features import DEMO_MODELS, extract_features
 

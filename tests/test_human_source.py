@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recovery_assets.core.convention import detect_convention
 from recovery_assets.core.triplets import (
     noise_ceiling,
     positions_to_human_rows,
@@ -18,7 +19,6 @@ from recovery_assets.core.triplets import (
 from recovery_assets.sources import human
 from recovery_assets.sources.human import (
     HumanDataError,
-    detect_convention,
     find_judgement_file,
     load_human_judgements,
     read_triplet_file,

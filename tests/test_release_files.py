@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from things_folders import make_things_folder
 
+from recovery_assets.core.pixels import pixel_reference
 from recovery_assets.core.triplets import noise_ceiling
 from recovery_assets.sources.human import (
     RELEASE_TABLE,
@@ -27,7 +28,6 @@ from recovery_assets.sources.human import (
     load_human_judgements,
     read_release_table,
 )
-from recovery_assets.sources.things import pixel_reference
 from recovery_assets.sources.validate_things import validate_things
 
 N = 36  # concepts of the default test folder

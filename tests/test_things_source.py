@@ -14,13 +14,12 @@ from PIL import Image
 from things_folders import THINGS_COLUMNS, make_things_folder
 
 from recovery_assets.core.generator import triplet_logits
+from recovery_assets.core.pixels import pixel_features, pixel_reference
 from recovery_assets.core.triplets import noise_ceiling
 from recovery_assets.sources.things import (
     ThingsDataError,
     find_images,
     load_thumbnails,
-    pixel_features,
-    pixel_reference,
     read_concepts,
     require_images,
 )

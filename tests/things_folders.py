@@ -21,12 +21,9 @@ import numpy as np
 import pandas as pd
 
 from recovery_assets.core.triplets import human_rows_to_positions, positions_to_human_rows
-from recovery_assets.sources.demo import (
-    DemoObserver,
-    demo_stimuli,
-    human_like_files,
-    write_things_folder,
-)
+from recovery_assets.sources.demo_folder import human_like_files, write_things_folder
+from recovery_assets.sources.demo_observer import DemoObserver
+from recovery_assets.sources.demo_stimuli import demo_stimuli
 
 #: The columns of a THINGS-like concept table (25, like the real ``things_concepts.tsv``).
 THINGS_COLUMNS = (
@@ -166,15 +163,15 @@ def make_things_folder(
 ) -> dict[str, Any]:
     """Build a small THINGS-shaped folder at ``root`` from the demo machinery.
 
-    Steps: :func:`~recovery_assets.sources.demo.demo_stimuli` (64 px crops, ``n_families x
-    crops`` concepts, seeded) -> :class:`~recovery_assets.sources.demo.DemoObserver` ->
-    :func:`~recovery_assets.sources.demo.human_like_files` ->
-    :func:`~recovery_assets.sources.demo.write_things_folder`; then ``things_concepts.tsv`` is
-    rewritten with 25 THINGS-like columns (:func:`things_table`), the judgement files are
-    rewritten in ``convention`` and ``file_format`` and, for ``layout="flat"``, every image is
-    moved to ``images/<id>.jpg``. The default (36 concepts, 3,000 training triplets) is decided
-    unambiguously as ``pair_pair_odd`` by the pixel reference; the generation is cached per
-    parameter set, so building many folders is cheap (writing 36 JPEGs).
+    Steps: :func:`~recovery_assets.sources.demo_stimuli.demo_stimuli` (64 px crops, ``n_families x
+    crops`` concepts, seeded) -> :class:`~recovery_assets.sources.demo_observer.DemoObserver` ->
+    :func:`~recovery_assets.sources.demo_folder.human_like_files` ->
+    :func:`~recovery_assets.sources.demo_folder.write_things_folder`; then
+    ``things_concepts.tsv`` is rewritten with 25 THINGS-like columns (:func:`things_table`), the
+    judgement files are rewritten in ``convention`` and ``file_format`` and, for
+    ``layout="flat"``, every image is moved to ``images/<id>.jpg``. The default (36 concepts, 3,000
+    training triplets) is decided unambiguously as ``pair_pair_odd`` by the pixel reference; the
+    generation is cached per parameter set, so building many folders is cheap (writing 36 JPEGs).
 
     Parameters
     ----------

@@ -9,10 +9,10 @@ layout). The odd-one-out judgements are read by :mod:`recovery_assets.sources.hu
 
 - :func:`read_concepts` reads and validates the concept table.
 - :func:`find_images` / :func:`require_images` locate one image per concept;
-  :func:`load_thumbnails` reads them as small square RGB arrays.
-- :func:`pixel_reference` is the zero-shot similarity of standardised 8 x 8 downsampled pixels,
-  the reference that decides the convention of the judgement files when no model features are
-  given.
+  :func:`load_thumbnails` reads them as small square RGB arrays, e.g. for
+  :func:`~recovery_assets.core.pixels.pixel_reference` (the zero-shot similarity of standardised
+  8 x 8 downsampled pixels, the reference that decides the convention of the judgement files when
+  no model features are given).
 
 The dry-run check of a whole folder is in :mod:`recovery_assets.sources.validate_things`.
 
@@ -27,14 +27,12 @@ import csv
 import io
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from recovery_assets.core.generator import triplet_logits
 
 __all__ = [
     "CONCEPTS_FILE",
@@ -43,8 +41,6 @@ __all__ = [
     "ThingsDataError",
     "find_images",
     "load_thumbnails",
-    "pixel_features",
-    "pixel_reference",
     "read_concepts",
     "require_images",
 ]
@@ -409,39 +405,3 @@ def load_thumbnails(paths: Sequence[str | os.PathLike[str]], size: int = 64) -> 
     for i, path in enumerate(paths):
         out[i] = _thumbnail(path, int(size))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The pixel reference
-# --------------------------------------------------------------------------------------------
-
-
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    """Standardised 8 x 8 downsampled pixels: the features of :func:`pixel_reference`.
-
-    Each image (``(n, H, W, 3)``, ``H, W >= 8``) is block-averaged to 8 x 8 x 3 (when ``H`` or
-    ``W`` is not a multiple of 8 the last ``H % 8`` rows / ``W % 8`` columns are dropped), and
-    each of the 192 features is standardised across images.
-
-    Returns
-    -------
-    (n, 192) float64 array.
-    """
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[3] != 3 or arr.shape[1] < 8 or arr.shape[2] < 8:
-        raise ValueError(f"images must be an (n, H, W, 3) array with H, W >= 8, got {arr.shape}")
-    n, h, w, _ = arr.shape
-    h8, w8 = h - h % 8, w - w % 8
-    arr = arr[:, :h8, :w8].astype(np.float64)
-    small = arr.reshape(n, 8, h8 // 8, 8, w8 // 8, 3).mean((2, 4)).reshape(n, -1)
-    return (small - small.mean(0)) / (small.std(0) + 1e-9)
-
-
-def pixel_reference(images: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """Zero-shot similarity of standardised 8 x 8 downsampled pixels (the demo's reference).
-
-    Returns ``similarity_fn(triplets) -> triplet_logits(pixel_features(images), triplets)``, the
-    ``[s_jk, s_ik, s_ij]`` logits :func:`~recovery_assets.sources.human.detect_convention` needs.
-    """
-    small = pixel_features(images)
-    return lambda trip: triplet_logits(small, trip)

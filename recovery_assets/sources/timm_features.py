@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __all__ = [
     "DEMO_MODELS",
@@ -31,8 +30,37 @@ __all__ = [
     "extract_features",
     "extract_image_files",
     "hf_cache_checkpoint",
+    "hf_offline",
     "load_checkpoint",
 ]
+
+HF_OFFLINE_ENV = "HF_HUB_OFFLINE"
+
+
+@contextmanager
+def hf_offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode (``HF_HUB_OFFLINE=1``) for the calls inside, restored after.
+
+    Every function here that builds a network or finds or loads weights runs under it (it is also
+    a decorator), so timm and huggingface_hub never reach the network, while importing this module
+    leaves the environment alone. huggingface_hub reads the variable once, when it is first
+    imported, so its module-level switch is set (and restored) as well.
+    """
+    from huggingface_hub import constants
+
+    before_env = os.environ.get(HF_OFFLINE_ENV)
+    before_hub = constants.HF_HUB_OFFLINE
+    os.environ[HF_OFFLINE_ENV] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before_hub
+        if before_env is None:
+            os.environ.pop(HF_OFFLINE_ENV, None)
+        else:
+            os.environ[HF_OFFLINE_ENV] = before_env
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,6 +120,7 @@ def _check_arch(arch: str) -> None:
         )
 
 
+@hf_offline()
 def create_model(arch: str, *, seed: int, image_size: tuple[int, int] | None = None, **kwargs):
     """``timm.create_model(arch, pretrained=False, num_classes=0)`` under ``torch.manual_seed``.
 
@@ -157,6 +186,7 @@ def _classifier_prefixes(model) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
+@hf_offline()
 def load_checkpoint(model, arch: str, checkpoint: str | os.PathLike[str]) -> str:
     """Load a local state dict into ``model`` with strict key and shape checks.
 
@@ -226,6 +256,7 @@ def _embedding_dim(model) -> int:
     return int(dim if dim is not None else model.num_features)
 
 
+@hf_offline()
 def extract_features(
     arch: str,
     images: np.ndarray,
@@ -422,6 +453,7 @@ def _extract(
     return features, info
 
 
+@hf_offline()
 def extract_image_files(
     arch: str,
     paths: Sequence[str | os.PathLike[str]],
@@ -492,6 +524,7 @@ def extract_image_files(
     return features, info
 
 
+@hf_offline()
 def count_parameters(arch: str) -> int:
     """Parameters of ``arch`` without its classifier, counted on the meta device (no memory).
 
@@ -507,6 +540,7 @@ def count_parameters(arch: str) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+@hf_offline()
 def hf_cache_checkpoint(arch: str, repo: str | None = None) -> Path:
     """The weights file of ``repo`` in the offline Hugging Face cache (nothing is downloaded).
 
@@ -544,7 +578,7 @@ def _benchmark(n_images: int = 300, size: int = 64) -> None:  # pragma: no cover
     import sys
     import time
 
-    from recovery_assets.sources.demo import demo_stimuli
+    from recovery_assets.sources.demo_stimuli import demo_stimuli
 
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
     _, images = demo_stimuli(20, n_images // 20, size=size, seed=0)

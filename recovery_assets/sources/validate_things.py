@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recovery_assets.core.convention import detect_convention
 from recovery_assets.core.generator import triplet_logits
+from recovery_assets.core.pixels import pixel_reference
 from recovery_assets.core.triplets import (
     human_rows_to_positions,
     noise_ceiling,
@@ -26,7 +28,6 @@ from recovery_assets.sources.human import (
     REQUIRED_FILES,
     HumanDataError,
     detect_choice_encoding,
-    detect_convention,
     find_judgement_file,
     find_release_table,
     judgements_not_found,
@@ -41,7 +42,6 @@ from recovery_assets.sources.things import (
     _missing_message,
     _thumbnail,
     find_images,
-    pixel_reference,
     read_concepts,
 )
 
@@ -249,15 +249,16 @@ def validate_things(
     n_concepts : the number of concepts the study expects (None: any).
     images, layout : passed to :func:`find_images`.
     reference : how the convention of the judgement files is checked. None: the
-        :func:`pixel_reference` of 64 px thumbnails of the images (needs every image); an
-        ``(n_concepts, p)`` features array: zero-shot ``triplet_logits(features, t)``.
+        :func:`~recovery_assets.core.pixels.pixel_reference` of 64 px thumbnails of the images
+        (needs every image); an ``(n_concepts, p)`` features array: zero-shot
+        ``triplet_logits(features, t)``.
 
     Steps: the concept table is read (:func:`read_concepts`; a row count different from
     ``n_concepts`` is a problem, but the table is still used); images are located (missing ones
     are a problem) and, for the pixel reference, read; every judgement file is read with
     :func:`~recovery_assets.sources.human.read_triplet_file` (its error is a problem; trainset
     and testset2 are required), hashed, and its convention detected with
-    :func:`~recovery_assets.sources.human.detect_convention`. As in
+    :func:`~recovery_assets.core.convention.detect_convention`. As in
     :func:`~recovery_assets.sources.human.load_human_judgements`, the training file decides the
     convention: ambiguous is a problem (the concept order may be wrong), another file
     unambiguously in the other convention is a problem (the files mix conventions). When the
@@ -289,7 +290,7 @@ def validate_things(
 
     ``files[name]["convention"]`` is the detected decision (``"pair_pair_odd"``,
     ``"odd_pair_pair"`` or ``"ambiguous"``) or None when not checked; ``"detection"`` is the
-    :class:`~recovery_assets.sources.human.ConventionResult` as a dict. ``"convention"`` is the
+    :class:`~recovery_assets.core.convention.ConventionResult` as a dict. ``"convention"`` is the
     decided convention or None; a noise ceiling is None when it could not be computed.
 
     With the release table, ``files[name]`` (one per set with rows) holds ``path`` (the table),
