@@ -56,9 +56,10 @@ def find_recipe(name: str) -> Path | None:
 
 
 def first_line(path: Path) -> str:
-    """The first comment line of a shipped file (its one-line description)."""
+    """The first comment line of a shipped file (its one-line description); an editor's
+    schema directive (``# yaml-language-server: ...``) is not a description."""
     for line in path.read_text().splitlines():
         text = line.strip().lstrip("#-").strip()
-        if text:
+        if text and not text.startswith("yaml-language-server:"):
             return text
     return ""

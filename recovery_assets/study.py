@@ -3,23 +3,40 @@
 A study is a YAML file: one of the studies shipped with the package (``recovery list``), named
 by its name (``demo``, ``things`` ...) or given by path. The environment variable
 ``RECOVERY_STUDY`` selects it; the default is the shipped ``demo``. Every setting is validated on
-load, and a bad file gives one error naming the file and the offending key.
+load by the pydantic models below (unknown keys are refused at every level), and a bad file gives
+one error naming the file, the offending key path and the reason. The models also give the JSON
+schema that editors complete study files with (``studies/study.schema.json``, written by
+``python -m recovery_assets.study --schema``; docs/studies.md).
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from recovery_assets import shipped
 from recovery_assets.core.optim import STOP_RULES
-from recovery_assets.core.probe import ProbeSpec
+from recovery_assets.core.probe import PENALTIES, ProbeSpec
 
 STUDY_ENV = "RECOVERY_STUDY"
 DEFAULT_STUDY = "demo"
@@ -42,6 +59,9 @@ FIT_SETS = ("trainset", "validationset")
 # How a thingsvision feature file with several images per concept becomes one row per concept.
 CONCEPT_IMAGES = ("task", "mean")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# The published schema (next to the shipped studies) and the keys handled before validation.
+SCHEMA_FILE = "study.schema.json"
+FILE_KEYS = ("base", "extra_models")
 
 
 class StudyError(ValueError):
@@ -181,42 +201,6 @@ class Study:
         return None
 
     @property
-    def code_version(self) -> str:
-        """The assets' code version: changes with the package version and with any setting that
-        changes results (not with where files live or how runs execute), so Dagster marks a
-        study's materializations stale when either changes."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            package = version("recovery-assets")
-        except PackageNotFoundError:  # pragma: no cover - a source tree without metadata
-            package = "0"
-        settings = (
-            self.kind,
-            self.models,
-            self.sizes,
-            self.simulations,
-            self.spec,
-            self.candidate_lambdas,
-            self.generator_lambdas,
-            self.generator_cv_folds,
-            self.generator_cv_seed,
-            self.generator_fit_on,
-            self.calibration_target,
-            sorted(self.stimuli.items()),
-            sorted((k, str(v)) for k, v in self.human.items()),
-            self.convention_reference,
-            sorted(self.regression.items()),
-            self.probe_dtype,
-            self.max_iter,
-            self.probe_stop,
-            self.things.get("n_concepts"),
-            self.things.get("image_layout"),
-        )
-        digest = hashlib.sha256(repr((package, settings)).encode()).hexdigest()
-        return f"{package}-{digest[:12]}"
-
-    @property
     def key_prefix(self) -> str:
         """The first part of every asset key of this study (several studies share an instance)."""
         return self.name
@@ -241,173 +225,711 @@ class Study:
         return max(self.sizes)
 
 
-def _get(doc: dict, key: str, path: Path, kind=None, default: Any = ...):
-    if key not in doc:
-        if default is ...:
-            raise StudyError(f"{path}: missing required key {key!r}")
-        return default
-    value = doc[key]
-    if kind is not None and not isinstance(value, kind):
-        raise StudyError(f"{path}: {key!r} must be {_kind_name(kind)}, got {value!r}")
-    return value
+# ----------------------------------------------------------------------------------------------
+# The schema: one pydantic model per map of the file. They validate the document (after `base:`
+# and `extra_models:` are merged) and give the JSON schema; load_study turns the validated
+# document into the frozen Study and ModelEntry above, which the rest of the package reads.
 
 
-def _kind_name(kind) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a map"}
-    if isinstance(kind, tuple):
-        return " or ".join(names.get(k, k.__name__) for k in kind)
-    return names.get(kind, kind.__name__)
+class _Rule(ValueError):
+    """A broken rule, raised inside validation; it becomes the StudyError's reason.
+
+    ``text`` may name where it was raised with ``{path}`` (the key path), ``{parent}`` and
+    ``{key}``; otherwise the key path is put in front. ``at`` extends the key path (a rule of a
+    map about one of its keys); ``values`` are shown with repr (``{got}``: the value given).
+    """
+
+    def __init__(self, text: str, *at: str | int, **values: Any):
+        super().__init__(text)
+        self.text, self.at, self.values = text, at, values
+
+    def say(self, loc: tuple) -> str:
+        *parent, key = loc or ("",)
+        shown = {k: _show(v) for k, v in self.values.items()}
+        text = self.text.format(path=_keypath(loc), parent=_keypath(parent), key=key, **shown)
+        if not loc or "{path}" in self.text or "{parent}" in self.text:
+            return text
+        return f"{_keypath(loc)}: {text}"
 
 
-def _int(doc: dict, key: str, path: Path, default: Any = ..., minimum: int | None = None) -> int:
-    """An integer setting (YAML booleans are not integers here)."""
-    value = _get(doc, key, path, None, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise StudyError(f"{path}: {key!r} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise StudyError(f"{path}: {key!r} must be >= {minimum}, got {value}")
-    return value
+class _Text(str):
+    """A value put in a rule's text as it is (not its repr, never shortened)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
-def _map(doc: dict, key: str, path: Path, default: Any = ...) -> dict:
-    value = _get(doc, key, path, None, default)
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise StudyError(f"{path}: {key!r} must be a map, got {value!r}")
-    return value
+def _says(text: str, *types: str) -> WrapValidator:
+    """A field's own constraints failing with one of ``types`` (any, when none are given) are
+    reported as the rule ``text`` instead (with ``{got}``, the value given)."""
+
+    def wrap(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if not types or exc.errors()[0]["type"] in types:
+                raise _Rule(text, got=value) from None
+            raise
+
+    return WrapValidator(wrap)
 
 
-def _lambdas(doc: dict, key: str, path: Path) -> tuple[float, ...]:
-    values = _get(doc, key, path, list)
+class _OrNull:
+    """JSON schema of a map that may be left empty: ``human:`` (null) reads as ``{}``."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict:
+        return {"anyOf": [handler(core_schema), {"type": "null"}]}
+
+
+def _int(minimum: int, description: str = "", **bounds: Any) -> Any:
+    return Field(ge=minimum, description=description or None, **bounds)
+
+
+def _name_field(description: str) -> Any:
+    return Field(pattern=_NAME.pattern, description=description)
+
+
+class _Map(BaseModel):
+    """A map of the study file: strict types (YAML's true is not 1, "10" is not 10), no unknown
+    keys (the error lists the allowed ones), and an empty value (``key:``) reads as ``{}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                allowed = sorted([*cls.model_fields, *cls._also_allowed()])
+                raise _Rule(
+                    "{what}unknown keys {unknown}; allowed: {allowed}",
+                    what=_Text(cls._what(data)),
+                    unknown=sorted(unknown, key=str),
+                    allowed=_Text(allowed),
+                )
+            cls._before(data)
+        return data
+
+    @classmethod
+    def _what(cls, data: dict) -> str:
+        return ""
+
+    @classmethod
+    def _also_allowed(cls) -> tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def _before(cls, data: dict) -> None:
+        """Rules on the raw map, checked before its values."""
+
+
+def _model_text(data: dict) -> str:
+    name = data.get("name")
+    return f"model {name!r}" if isinstance(name, str) else "a model"
+
+
+class _Entry(_Map):
+    kind: ClassVar[str]
+
+    @classmethod
+    def _what(cls, data: dict) -> str:
+        return f"{_model_text(data)} (source {cls.kind}): "
+
+    def label(self) -> str:
+        return f"model {self.name!r}"
+
+
+class TimmModel(_Entry):
+    """A timm network run on the stimuli (``source: timm``, the default)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"weights": {"const": "checkpoint"}}, "required": ["weights"]},
+            "then": {"required": ["checkpoint"]},
+        }
+    )
+
+    kind: ClassVar[str] = "timm"
+    source: Literal["timm"] = Field("timm", description="timm: a timm network (the default)")
+    name: str = _name_field("the model's name: letters, digits, _ . -")
+    arch: str = Field(
+        description="a timm architecture, optionally with a pretrained tag (resnet50.tv_in1k)"
+    )
+    weights: Literal[WEIGHTS] = Field(
+        description="random (seeded init), checkpoint (a local file: 'checkpoint:') or hf_cache "
+        "(the offline Hugging Face cache)"
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="the checkpoint file of 'weights: checkpoint': absolute, or under "
+        "$RECOVERY_WEIGHTS_DIR / weights_dir, else next to the study file",
+    )
+    hf_repo: str | None = Field(None, description="hf_cache: the repository (default: timm's)")
+    layer: str | None = Field(None, description="the module whose output is the embedding")
+    seed: int = _int(0, "the seed of the random initialisation", default=0)
+    options: dict[str, Any] | None = Field(
+        None, description="free-form settings kept with the model (part of its code version)"
+    )
+
+    @classmethod
+    def _before(cls, data: dict) -> None:
+        if "weights" not in data:
+            raise _Rule(
+                "{model} must say its weights: 'weights: random', 'weights: checkpoint' with "
+                "'checkpoint: <file>', or 'weights: hf_cache'",
+                model=_Text(_model_text(data)),
+            )
+
+    @model_validator(mode="after")
+    def _checkpoint(self) -> TimmModel:
+        if self.weights == "checkpoint" and not self.checkpoint:
+            raise _Rule(
+                "{model}: weights: checkpoint needs 'checkpoint:'", model=_Text(self.label())
+            )
+        if self.weights != "checkpoint" and self.checkpoint:
+            raise _Rule(
+                "{model}: 'checkpoint:' needs 'weights: checkpoint'", model=_Text(self.label())
+            )
+        return self
+
+    def entry(self) -> ModelEntry:
+        return ModelEntry(
+            name=self.name,
+            source="timm",
+            arch=self.arch,
+            weights=self.weights,
+            checkpoint=self.checkpoint,
+            seed=self.seed,
+            options=dict(self.options or {}),
+            hf_repo=self.hf_repo,
+            layer=self.layer,
+        )
+
+
+class FeaturesModel(_Entry):
+    """Precomputed (n x p) features of a THINGS study (``source: features``): a .npy, .npz, .pt or
+    .parquet file, or a thingsvision output mapped to concepts through its image file names."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["n_params"]}, {"required": ["n_params_like"]}]}
+    )
+
+    kind: ClassVar[str] = "features"
+    source: Literal["features"] = Field(description="features: a precomputed feature file")
+    name: str = _name_field("the model's name: letters, digits, _ . -")
+    file: str | None = Field(
+        None,
+        description="the feature file (default <name>.npy): absolute, or under "
+        "$RECOVERY_FEATURES_DIR / features_dir",
+    )
+    key: Annotated[str | int | None, _says("{path} must be a string or an integer, got {got}")] = (
+        Field(None, description="the features' array in an .npz or .pt file (default: features)")
+    )
+    n_params: int | None = _int(1, "the model's parameter count", default=None)
+    n_params_like: str | None = Field(
+        None, description="a timm architecture of the same image tower, whose parameters count"
+    )
+    file_names: str | None = Field(
+        None,
+        description="a thingsvision output's image list (default: file_names.txt beside it)",
+    )
+    concept_image: Literal[CONCEPT_IMAGES] = Field(
+        "task",
+        description="which row stands for a concept with several images: task (its _b "
+        "image) or mean",
+    )
+
+    @model_validator(mode="after")
+    def _count(self) -> FeaturesModel:
+        if (self.n_params is None) == (self.n_params_like is None):
+            raise _Rule(
+                "{model}: give its parameter count as 'n_params: <int>' or 'n_params_like: "
+                "<timm architecture of the same image tower>' (one of them)",
+                model=_Text(self.label()),
+            )
+        return self
+
+    def entry(self) -> ModelEntry:
+        return ModelEntry(
+            name=self.name,
+            source="features",
+            file=self.file,
+            key=None if self.key is None else str(self.key),
+            n_params=self.n_params,
+            n_params_like=self.n_params_like,
+            file_names=self.file_names,
+            concept_image=self.concept_image,
+        )
+
+
+def _source(entry: Any) -> Any:
+    return entry.get("source", "timm") if isinstance(entry, dict) else "timm"
+
+
+# the models: a union on `source` (absent: timm)
+ModelItem = Annotated[
+    Annotated[TimmModel, Tag("timm")] | Annotated[FeaturesModel, Tag("features")],
+    Discriminator(_source),
+]
+
+
+def _lambdas(value: Any) -> Any:
+    """A lambda grid: numbers (numeric text too: YAML 1.1 reads 1e-3 as text), finite, >= 0,
+    strictly increasing."""
+    if not isinstance(value, list):
+        return value  # the list type says so
     out = []
-    for v in values:
+    for v in value:
         try:
             x = float(v)
         except (TypeError, ValueError):
-            raise StudyError(f"{path}: {key!r} holds a non-number {v!r}") from None
+            raise _Rule("{parent}: '{key}' holds a non-number {got}", got=v) from None
         if not x >= 0 or x != x or x == float("inf"):
-            raise StudyError(f"{path}: {key!r} must hold finite numbers >= 0, got {v!r}")
+            raise _Rule("{parent}: '{key}' must hold finite numbers >= 0, got {got}", got=v)
         out.append(x)
     if not out:
-        raise StudyError(f"{path}: {key!r} is empty")
+        raise _Rule("{parent}: '{key}' is empty")
     if sorted(out) != out or len(set(out)) != len(out):
-        raise StudyError(f"{path}: {key!r} must be strictly increasing, got {values}")
-    return tuple(out)
+        raise _Rule("{parent}: '{key}' must be strictly increasing, got {got}", got=value)
+    return out
 
 
-_MODEL_KEYS = {
-    "timm": {
-        "name",
-        "source",
-        "arch",
-        "weights",
-        "checkpoint",
-        "hf_repo",
-        "layer",
-        "seed",
-        "options",
-    },
-    "features": {
-        "name",
-        "source",
-        "file",
-        "key",
-        "n_params",
-        "n_params_like",
-        "file_names",
-        "concept_image",
-    },
+Lambdas = Annotated[
+    list[Annotated[float, Field(ge=0, allow_inf_nan=False)]],
+    Field(min_length=1, description="a lambda grid: strictly increasing numbers >= 0"),
+    BeforeValidator(_lambdas),
+]
+
+
+class Probe(_Map):
+    """The probe fitted by every generator and candidate (docs/method.md §4)."""
+
+    family: str = Field(
+        "full",
+        description="full, diagonal, rank:k, zero_shot or pca:k",
+        json_schema_extra={"pattern": "^(full|diagonal|zero_shot|(rank|pca):0*[1-9][0-9]*)$"},
+    )
+    penalty: str = Field(
+        "shrinkage", description="the penalty", json_schema_extra={"enum": list(PENALTIES)}
+    )
+    dtype: Literal["float32", "float64"] = Field("float32", description="the fits' float type")
+    max_iter: int = _int(1, "iteration cap per fit", default=1000)
+    stop: Literal[STOP_RULES] = Field(
+        "optimum",
+        description="optimum (every fit to its optimum) or paper (stop where the published "
+        "fits' L-BFGS settings stop)",
+    )
+
+    @model_validator(mode="after")
+    def _spec(self) -> Probe:
+        try:
+            self.spec()
+        except ValueError as exc:
+            text = str(exc).replace("{", "{{").replace("}", "}}")
+            raise _Rule(
+                text, "penalty" if text.startswith("unknown penalty") else "family"
+            ) from None
+        return self
+
+    def spec(self) -> ProbeSpec:
+        return ProbeSpec.parse(self.family, self.penalty)
+
+
+class Generator(_Map):
+    """The generators: probes fitted on the human judgements (docs/method.md §5)."""
+
+    lambdas: Lambdas
+    cv_folds: int = _int(2, "cross-validation folds of the generators", default=5)
+    cv_seed: int = _int(0, "the seed of the folds", default=42)
+    fit_on: list[Literal[FIT_SETS]] = Field(
+        default_factory=lambda: list(FIT_SETS),
+        description="the human sets the generators are fitted on: trainset, optionally "
+        "validationset",
+        json_schema_extra={"uniqueItems": True, "contains": {"const": "trainset"}},
+    )
+    calibration_target: Literal["noise_ceiling"] | Annotated[float, Field(gt=1 / 3, lt=1)] = Field(
+        "noise_ceiling", description="noise_ceiling or a number in (1/3, 1)"
+    )
+
+    @field_validator("fit_on", mode="before")
+    @classmethod
+    def _fit_on(cls, value: Any) -> Any:
+        if (
+            not isinstance(value, list)
+            or any(s not in FIT_SETS for s in value)
+            or "trainset" not in value
+            or len(set(value)) != len(value)
+        ):
+            raise _Rule(
+                "{path} must list the human sets the generators are fitted on: trainset, "
+                "optionally validationset (got {got})",
+                got=value,
+            )
+        return value
+
+    @field_validator("calibration_target", mode="before")
+    @classmethod
+    def _target(cls, value: Any) -> Any:
+        if not (value == "noise_ceiling" or (isinstance(value, float) and 1 / 3 < value < 1)):
+            raise _Rule(
+                "{path} must be noise_ceiling or a number in (1/3, 1), got {got}", got=value
+            )
+        return value
+
+
+class Candidates(_Map):
+    """The candidates: probes fitted on each simulated dataset."""
+
+    lambdas: Lambdas
+
+
+class Human(_Map):
+    """The human judgements (THINGS), or the demo's simulated observer and its triplet counts."""
+
+    source: str | None = Field(None, description="where the judgements come from (demo_observer)")
+    n_train: int = _int(0, "demo: unique training triplets, answered once", default=10_000)
+    n_val: int = _int(0, "demo: validation triplets", default=1_000)
+    test_triplets: int = _int(1, "demo: unique triplets per test set", default=1_000)
+    repeats: int = _int(2, "demo: answers per test triplet", default=10)
+    seed: int = _int(0, "demo: the observer's seed", default=0)
+    convention_reference: str = Field(
+        "pixels", description="pixels or a model's name: whose similarities decide the convention"
+    )
+
+
+class Stimuli(_Map):
+    """The demo's stimuli: seeded crops of bundled photographs."""
+
+    n_families: int = _int(1, "photographs (concept families)", default=16)
+    crops_per_family: int = _int(1, "crops per photograph", default=15)
+    size: int = _int(8, "side of the crops in pixels", default=64)
+    seed: int = _int(0, "the crops' seed", default=0)
+
+
+class Regression(_Map):
+    """The regression of misidentification (docs/method.md §8)."""
+
+    n_boot: int = _int(1, "bootstrap resamples", default=10_000)
+    seed: int = _int(0, "the bootstrap's seed", default=0)
+
+
+class Things(_Map):
+    """The THINGS data (kind: things)."""
+
+    root: str | None = Field(
+        None, description="the THINGS folder, relative to this file ($RECOVERY_THINGS_DIR wins)"
+    )
+    images: str | None = Field(None, description="the image folder under root")
+    image_layout: Literal[IMAGE_LAYOUTS] = Field(
+        "auto", description="things: <id>/<id>_NNb.jpg, flat: <id>.jpg, or auto"
+    )
+    n_concepts: int | None = _int(3, "the expected number of concepts", default=None)
+
+
+class Dask(_Map):
+    """Where the Dask executor runs (docs/scale-out.md)."""
+
+    scheduler: Annotated[
+        str | None,
+        Field(pattern="://", description="a running scheduler: tcp://host:8786"),
+        _says("{path} must be an address like tcp://host:8786, got {got}"),
+    ] = None
+    cluster: Annotated[
+        dict[Literal[DASK_CLUSTERS], dict[str, Any] | None] | None,
+        Field(
+            min_length=1,
+            max_length=1,
+            description="a cluster to start: local or a batch scheduler's, with its arguments",
+        ),
+        _says(
+            "{path} must be one of " + repr(list(DASK_CLUSTERS)) + " with its arguments, e.g. "
+            "{{local: {{n_workers: 4}}}}, got {got}"
+        ),
+    ] = None
+    gpu_resource: bool = Field(
+        default_factory=lambda: None,  # unset: the study's device decides (Study.gpu_resource)
+        description="fitting steps ask a worker for one GPU (default: when device is CUDA)",
+    )
+
+
+class Execution(_Map):
+    """How the study's runs execute."""
+
+    executor: Literal[EXECUTORS] = Field("in_process", description="in_process or dask")
+    dask: Annotated[Dask, _OrNull()] = Field(default_factory=Dask)
+
+    def settings(self) -> dict:
+        dask = {}
+        if self.dask.scheduler:
+            dask["scheduler"] = self.dask.scheduler
+        if self.dask.cluster:
+            dask["cluster"] = {k: dict(v or {}) for k, v in self.dask.cluster.items()}
+        if "gpu_resource" in self.dask.model_fields_set:
+            dask["gpu_resource"] = self.dask.gpu_resource
+        return {"executor": self.executor, "dask": dask}
+
+
+Sizes = Annotated[
+    list[Annotated[int, Field(ge=1)]],
+    Field(
+        min_length=1,
+        description="the training sizes N: distinct positive integers",
+        json_schema_extra={"uniqueItems": True},
+    ),
+    _says(
+        "{path} must be a non-empty list of positive integers, got {got}",
+        "too_short",
+        "int_type",
+        "greater_than_equal",
+    ),
+]
+
+
+class StudyFile(_Map):
+    """A study of recovery-assets (docs/studies.md). A study with `base:` extends another file:
+    maps merge key by key, everything else is replaced, and `extra_models:` appends models."""
+
+    model_config = ConfigDict(title="recovery-assets study")
+
+    name: str = _name_field(
+        "the study's name: letters, digits, _ . -; names its data folder, asset keys and jobs"
+    )
+    kind: Literal[KINDS] = Field(description="demo (the offline demo) or things (THINGS data)")
+    models: Annotated[
+        list[ModelItem],
+        Field(min_length=2, description="the models; score ties go to the first listed"),
+        _says("a recovery study needs at least 2 models", "too_short"),
+    ]
+    sizes: Sizes
+    simulations: int = _int(1, "simulations per (generator, N)")
+    probe: Annotated[Probe, _OrNull()] = Field(default_factory=Probe)
+    generator: Annotated[Generator, _OrNull()]
+    candidates: Annotated[Candidates, _OrNull()]
+    human: Annotated[Human, _OrNull()]
+    stimuli: Annotated[Stimuli, _OrNull()] = Field(default_factory=Stimuli)
+    regression: Annotated[Regression, _OrNull()] = Field(default_factory=Regression)
+    things: Annotated[Things, _OrNull()] = Field(default_factory=Things)
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    data_dir: str | None = Field(
+        None, description="the study's own data folder (relative to this file)"
+    )
+    features_dir: str | None = Field(
+        None, description="the feature files' folder ($RECOVERY_FEATURES_DIR wins)"
+    )
+    weights_dir: str | None = Field(
+        None, description="the checkpoints' folder ($RECOVERY_WEIGHTS_DIR wins)"
+    )
+    allow_random_weights: bool = Field(
+        False, description="let a THINGS study use 'weights: random'"
+    )
+    execution: Annotated[Execution, _OrNull()] = Field(default_factory=Execution)
+
+    @classmethod
+    def _also_allowed(cls) -> tuple[str, ...]:
+        return FILE_KEYS
+
+    @field_validator("sizes", mode="after")
+    @classmethod
+    def _distinct(cls, sizes: list[int]) -> list[int]:
+        if len(set(sizes)) != len(sizes):
+            raise _Rule("{path} has duplicates: {got}", got=sizes)
+        return sizes
+
+    @model_validator(mode="after")
+    def _across(self) -> StudyFile:
+        """The rules that tie keys together."""
+        if self.kind != "things" and self.things.model_fields_set:
+            raise _Rule(
+                "'things:' settings need 'kind: things' (not {kind})", "things", kind=self.kind
+            )
+        for i, m in enumerate(self.models):
+            if m.source == "features" and self.kind != "things":
+                raise _Rule(
+                    "{model}: precomputed features need a things study",
+                    "models",
+                    i,
+                    "source",
+                    model=_Text(m.label()),
+                )
+            if (
+                m.source == "timm"
+                and m.weights == "random"
+                and self.kind == "things"
+                and not self.allow_random_weights
+            ):
+                raise _Rule(
+                    "{model} has random weights; a THINGS study compares trained networks. Give "
+                    "a checkpoint or hf_cache weights, or set 'allow_random_weights: true'",
+                    "models",
+                    i,
+                    "weights",
+                    model=_Text(m.label()),
+                )
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise _Rule("duplicate model names {dup}", "models", dup=dup)
+        reference = self.human.convention_reference
+        if reference != "pixels" and reference not in names:
+            raise _Rule(
+                "{path} must be 'pixels' or one of the models {names}, got {got}",
+                "human",
+                "convention_reference",
+                names=names,
+                got=reference,
+            )
+        return self
+
+    def study(self, path: Path) -> Study:
+        """The runtime study of this validated document."""
+        return Study(
+            path=path,
+            name=self.name,
+            kind=self.kind,
+            models=tuple(m.entry() for m in self.models),
+            sizes=tuple(sorted(self.sizes)),
+            simulations=self.simulations,
+            spec=self.probe.spec(),
+            candidate_lambdas=tuple(self.candidates.lambdas),
+            generator_lambdas=tuple(self.generator.lambdas),
+            generator_cv_folds=self.generator.cv_folds,
+            generator_cv_seed=self.generator.cv_seed,
+            generator_fit_on=tuple(self.generator.fit_on),
+            calibration_target=self.generator.calibration_target,
+            stimuli=self.stimuli.model_dump(exclude_unset=True),
+            human=self.human.model_dump(exclude_unset=True),
+            convention_reference=self.human.convention_reference,
+            regression=self.regression.model_dump(),
+            probe_dtype=self.probe.dtype,
+            max_iter=self.probe.max_iter,
+            probe_stop=self.probe.stop,
+            device=self.device,
+            data_dir=self.data_dir,
+            things=self.things.model_dump() if self.kind == "things" else {},
+            features_dir=self.features_dir,
+            weights_dir=self.weights_dir,
+            allow_random_weights=self.allow_random_weights,
+            execution=self.execution.settings(),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# pydantic's first error as one line: the key path and a reason
+
+_TYPES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a map",
+    "model_type": "a map",
+    "model_attributes_type": "a map",
+}
+_BOUNDS = {
+    "greater_than_equal": ">= {ge}",
+    "greater_than": "> {gt}",
+    "less_than_equal": "<= {le}",
+    "less_than": "< {lt}",
+    "too_short": "at least {min_length} long",
+    "too_long": "at most {max_length} long",
+    "string_too_short": "at least {min_length} characters",
+    "string_too_long": "at most {max_length} characters",
 }
 
 
-def _model(entry: Any, i: int, path: Path, kind: str, allow_random: bool) -> ModelEntry:
-    if not isinstance(entry, dict):
-        raise StudyError(f"{path}: models[{i}] must be a map, got {entry!r}")
-    name = _get(entry, "name", path, str)
-    if not _NAME.match(name):
-        raise StudyError(f"{path}: models[{i}].name {name!r}: use letters, digits, _ . -")
-    source = _get(entry, "source", path, str, "timm")
-    if source not in MODEL_SOURCES:
-        raise StudyError(
-            f"{path}: model {name!r}: source must be one of {list(MODEL_SOURCES)}, got {source!r}"
-        )
-    unknown = sorted(set(entry) - _MODEL_KEYS[source])
-    if unknown:
-        raise StudyError(
-            f"{path}: model {name!r} (source {source}): unknown keys {unknown}; "
-            f"allowed: {sorted(_MODEL_KEYS[source])}"
-        )
-    if source == "features":
-        if kind != "things":
-            raise StudyError(f"{path}: model {name!r}: precomputed features need a things study")
-        n_params = entry.get("n_params")
-        like = entry.get("n_params_like")
-        if (n_params is None) == (like is None):
-            raise StudyError(
-                f"{path}: model {name!r}: give its parameter count as 'n_params: <int>' or "
-                "'n_params_like: <timm architecture of the same image tower>' (one of them)"
-            )
-        if n_params is not None:
-            n_params = _int(entry, "n_params", path, minimum=1)
-        if like is not None and not isinstance(like, str):
-            raise StudyError(f"{path}: model {name!r}: n_params_like must be a timm name")
-        file = entry.get("file")
-        if file is not None and not isinstance(file, str):
-            raise StudyError(f"{path}: model {name!r}: file must be a path")
-        key = entry.get("key")
-        file_names = entry.get("file_names")
-        if file_names is not None and not isinstance(file_names, str):
-            raise StudyError(f"{path}: model {name!r}: file_names must be a path")
-        concept_image = entry.get("concept_image", "task")
-        if concept_image not in CONCEPT_IMAGES:
-            raise StudyError(
-                f"{path}: model {name!r}: concept_image must be one of {list(CONCEPT_IMAGES)}, "
-                f"got {concept_image!r}"
-            )
-        return ModelEntry(
-            name=name,
-            source="features",
-            file=file,
-            key=None if key is None else str(key),
-            n_params=n_params,
-            n_params_like=like,
-            file_names=file_names,
-            concept_image=concept_image,
-        )
-    arch = _get(entry, "arch", path, str)
-    if "weights" not in entry:
-        raise StudyError(
-            f"{path}: model {name!r} must say its weights: 'weights: random', "
-            "'weights: checkpoint' with 'checkpoint: <file>', or 'weights: hf_cache'"
-        )
-    weights = _get(entry, "weights", path, str)
-    checkpoint = entry.get("checkpoint")
-    if weights not in WEIGHTS:
-        raise StudyError(f"{path}: model {name!r}: weights must be one of {list(WEIGHTS)}")
-    if weights == "checkpoint" and not checkpoint:
-        raise StudyError(f"{path}: model {name!r}: weights: checkpoint needs 'checkpoint:'")
-    if weights != "checkpoint" and checkpoint:
-        raise StudyError(f"{path}: model {name!r}: 'checkpoint:' needs 'weights: checkpoint'")
-    if weights == "random" and kind == "things" and not allow_random:
-        raise StudyError(
-            f"{path}: model {name!r} has random weights; a THINGS study compares trained "
-            "networks. Give a checkpoint or hf_cache weights, or set 'allow_random_weights: true'"
-        )
-    layer = entry.get("layer")
-    if layer is not None and not isinstance(layer, str):
-        raise StudyError(f"{path}: model {name!r}: layer must be a module name")
-    return ModelEntry(
-        name=name,
-        source="timm",
-        arch=arch,
-        weights=weights,
-        checkpoint=checkpoint,
-        seed=_int(entry, "seed", path, 0, minimum=0),
-        options=dict(entry.get("options") or {}),
-        hf_repo=entry.get("hf_repo"),
-        layer=layer,
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 or isinstance(value, _Text) else text[:117] + "..."
+
+
+def _keypath(loc: Any) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _without_tags(loc: tuple) -> tuple:
+    """The loc without the union's member tag (``models, 2, timm, weights``)."""
+    return tuple(
+        part
+        for i, part in enumerate(loc)
+        if not (i and part in MODEL_SOURCES and isinstance(loc[i - 1], int))
     )
+
+
+def _reason(exc: ValidationError) -> str:
+    """The first error of a validation as ``<key path> <reason>`` (one line)."""
+    error = exc.errors(include_url=False)[0]
+    loc, kind, got = _without_tags(error["loc"]), error["type"], error.get("input")
+    ctx = error.get("ctx") or {}
+    if isinstance(ctx.get("error"), _Rule):
+        rule = ctx["error"]
+        return rule.say(loc + rule.at)
+    path = _keypath(loc)
+    *parent, key = loc or ("",)
+    # a key of a map is named as <map>: 'key'; an item of a list by its path
+    subject = path if isinstance(key, int) or not loc else repr(key)
+    if parent and not isinstance(key, int):
+        subject = f"{_keypath(parent)}: {subject}"
+    if kind == "missing":
+        return f"{_keypath(parent) + ': ' if parent else ''}missing required key {key!r}"
+    if kind in ("literal_error", "union_tag_invalid"):
+        expected = ctx.get("expected", ctx.get("expected_tags", ""))
+        if kind == "union_tag_invalid":
+            path += ".source"
+            got = got.get("source") if isinstance(got, dict) else got
+        return f"{path} must be one of [{expected.replace(' or ', ', ')}], got {_show(got)}"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == _NAME.pattern:
+        return f"{path} {_show(got)}: use letters, digits, _ . -"
+    if kind == "string_pattern_mismatch":
+        return f"{subject} must match {ctx.get('pattern')!r}, got {_show(got)}"
+    if kind in _TYPES:
+        return f"{subject} must be {_TYPES[kind]}, got {_show(got)}"
+    if kind in _BOUNDS:
+        return f"{subject} must be {_BOUNDS[kind].format(**ctx)}, got {_show(got)}"
+    reason = str(ctx["error"]) if "error" in ctx else error["msg"]
+    return f"{path}: {reason}" if path else reason
+
+
+def study_json_schema() -> dict:
+    """The JSON schema of a study file (``studies/study.schema.json``), for editors: the
+    validated document's schema, plus ``base:`` and ``extra_models:`` (a file with ``base:``
+    needs only its ``name``). Cross-key rules (a THINGS study's weights, the reference model,
+    unique names, ...) are checked on load only."""
+    schema = StudyFile.model_json_schema()
+    properties = schema["properties"]
+    properties["base"] = {
+        "type": "string",
+        "description": "a study file this one extends (relative to this file)",
+    }
+    properties["extra_models"] = {
+        "type": "array",
+        "items": properties["models"]["items"],
+        "description": "models appended to the base's",
+    }
+    required = schema.pop("required")
+    schema.update(
+        {
+            "if": {"required": ["base"]},
+            "then": {"required": ["name"]},
+            "else": {"required": required},
+        }
+    )
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a study file
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -452,29 +974,6 @@ def _read_doc(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return doc
 
 
-def _things(doc: dict, path: Path, kind: str) -> dict:
-    things = _map(doc, "things", path, {})
-    if kind != "things":
-        if things:
-            raise StudyError(f"{path}: 'things:' settings need 'kind: things'")
-        return {}
-    unknown = sorted(set(things) - {"root", "images", "image_layout", "n_concepts"})
-    if unknown:
-        raise StudyError(f"{path}: things: unknown keys {unknown}")
-    layout = things.get("image_layout", "auto")
-    if layout not in IMAGE_LAYOUTS:
-        raise StudyError(f"{path}: things.image_layout must be one of {list(IMAGE_LAYOUTS)}")
-    n = things.get("n_concepts")
-    if n is not None:
-        n = _int(things, "n_concepts", path, minimum=3)
-    return {
-        "root": things.get("root"),
-        "images": things.get("images"),
-        "image_layout": layout,
-        "n_concepts": n,
-    }
-
-
 def study_path(path: str | os.PathLike | None = None) -> Path:
     """The study file meant by ``path``: an existing file, else the name of a shipped study
     (``demo``, ``things`` ...); None: ``$RECOVERY_STUDY``, else the shipped demo."""
@@ -500,50 +999,6 @@ def study_paths(value: str | None = None) -> list[Path]:
     return [study_path(part) for part in raw.split(os.pathsep) if part.strip()]
 
 
-def _execution(doc: dict, path: Path) -> dict:
-    execution = _map(doc, "execution", path, {})
-    unknown = sorted(set(execution) - {"executor", "dask"})
-    if unknown:
-        raise StudyError(f"{path}: execution: unknown keys {unknown}; allowed: executor, dask")
-    executor = execution.get("executor", "in_process")
-    if executor not in EXECUTORS:
-        raise StudyError(
-            f"{path}: execution.executor must be one of {list(EXECUTORS)}, got {executor!r}"
-        )
-    dask = _map(execution, "dask", path, {})
-    unknown = sorted(set(dask) - {"scheduler", "cluster", "gpu_resource"})
-    if unknown:
-        raise StudyError(
-            f"{path}: execution.dask: unknown keys {unknown}; allowed: scheduler, cluster, "
-            "gpu_resource"
-        )
-    scheduler = dask.get("scheduler")
-    if scheduler is not None and not (isinstance(scheduler, str) and "://" in scheduler):
-        raise StudyError(
-            f"{path}: execution.dask.scheduler must be an address like tcp://host:8786, "
-            f"got {scheduler!r}"
-        )
-    cluster = dask.get("cluster")
-    if cluster is not None:
-        if (
-            not isinstance(cluster, dict)
-            or len(cluster) != 1
-            or next(iter(cluster)) not in DASK_CLUSTERS
-            or not isinstance(next(iter(cluster.values())) or {}, dict)
-        ):
-            raise StudyError(
-                f"{path}: execution.dask.cluster must be one of {list(DASK_CLUSTERS)} with its "
-                f"arguments, e.g. {{local: {{n_workers: 4}}}}, got {cluster!r}"
-            )
-        cluster = {k: dict(v or {}) for k, v in cluster.items()}
-    if "gpu_resource" in dask and not isinstance(dask["gpu_resource"], bool):
-        raise StudyError(f"{path}: execution.dask.gpu_resource must be true or false")
-    out_dask = {k: v for k, v in (("scheduler", scheduler), ("cluster", cluster)) if v}
-    if "gpu_resource" in dask:
-        out_dask["gpu_resource"] = dask["gpu_resource"]
-    return {"executor": executor, "dask": out_dask}
-
-
 def load_study(path: str | os.PathLike | None = None) -> Study:
     """Load and validate a study file (default: ``$RECOVERY_STUDY`` or the shipped demo); a
     shipped study can be named instead of given by path."""
@@ -559,100 +1014,26 @@ def load_study(path: str | os.PathLike | None = None) -> Study:
 
 def _load(path: Path) -> Study:
     doc = _read_doc(path)
-    name = _get(doc, "name", path, str)
-    if not _NAME.match(name):
-        raise StudyError(f"{path}: name {name!r}: use letters, digits, _ . -")
-    kind = _get(doc, "kind", path, str)
-    if kind not in KINDS:
-        raise StudyError(f"{path}: kind must be one of {list(KINDS)}, got {kind!r}")
-    allow_random = doc.get("allow_random_weights", False)
-    if not isinstance(allow_random, bool):
-        raise StudyError(f"{path}: allow_random_weights must be true or false")
-    things = _things(doc, path, kind)
-    raw_models = _get(doc, "models", path, list)
-    models = tuple(_model(m, i, path, kind, allow_random) for i, m in enumerate(raw_models))
-    if len(models) < 2:
-        raise StudyError(f"{path}: a recovery study needs at least 2 models")
-    names = [m.name for m in models]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise StudyError(f"{path}: duplicate model names {dup}")
-    sizes = _get(doc, "sizes", path, list)
-    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise StudyError(f"{path}: sizes must be a non-empty list of positive integers")
-    if len(set(sizes)) != len(sizes):
-        raise StudyError(f"{path}: sizes has duplicates: {sizes}")
-    sims = _int(doc, "simulations", path, minimum=1)
-    probe = _map(doc, "probe", path, {})
-    for key in ("family", "penalty"):
-        if key in probe and not isinstance(probe[key], str):
-            raise StudyError(f"{path}: probe.{key} must be a string, got {probe[key]!r}")
     try:
-        spec = ProbeSpec.parse(probe.get("family", "full"), probe.get("penalty", "shrinkage"))
-    except ValueError as exc:
-        raise StudyError(f"{path}: probe: {exc}") from None
-    dtype = probe.get("dtype", "float32")
-    if dtype not in ("float32", "float64"):
-        raise StudyError(f"{path}: probe.dtype must be float32 or float64")
-    stop = probe.get("stop", "optimum")
-    if stop not in STOP_RULES:
-        raise StudyError(f"{path}: probe.stop must be one of {', '.join(STOP_RULES)}, got {stop!r}")
-    gen = _map(doc, "generator", path)
-    target = gen.get("calibration_target", "noise_ceiling")
-    if not (target == "noise_ceiling" or (isinstance(target, float) and 1 / 3 < target < 1)):
-        raise StudyError(
-            f"{path}: generator.calibration_target must be noise_ceiling or a number in (1/3, 1)"
-        )
-    cand = _map(doc, "candidates", path)
-    human = _map(doc, "human", path)
-    stimuli = _map(doc, "stimuli", path, {})
-    regression = _map(doc, "regression", path, {})
-    reg = {
-        "n_boot": _int(regression, "n_boot", path, 10_000, minimum=1),
-        "seed": _int(regression, "seed", path, 0, minimum=0),
-    }
-    fit_on = gen.get("fit_on", list(FIT_SETS))
-    if (
-        not isinstance(fit_on, list)
-        or any(s not in FIT_SETS for s in fit_on)
-        or "trainset" not in fit_on
-        or len(set(fit_on)) != len(fit_on)
-    ):
-        raise StudyError(
-            f"{path}: generator.fit_on must list the human sets the generators are fitted on: "
-            f"trainset, optionally validationset (got {fit_on!r})"
-        )
-    reference = str(human.get("convention_reference", "pixels"))
-    if reference != "pixels" and reference not in names:
-        raise StudyError(
-            f"{path}: human.convention_reference must be 'pixels' or one of the models {names}"
-        )
-    return Study(
-        path=path,
-        name=name,
-        kind=kind,
-        models=models,
-        sizes=tuple(sorted(sizes)),
-        simulations=sims,
-        spec=spec,
-        candidate_lambdas=_lambdas(cand, "lambdas", path),
-        generator_lambdas=_lambdas(gen, "lambdas", path),
-        generator_cv_folds=_int(gen, "cv_folds", path, 5, minimum=2),
-        generator_cv_seed=_int(gen, "cv_seed", path, 42, minimum=0),
-        generator_fit_on=tuple(fit_on),
-        calibration_target=target,
-        stimuli=dict(stimuli),
-        human=dict(human),
-        convention_reference=reference,
-        regression=reg,
-        probe_dtype=dtype,
-        max_iter=_int(probe, "max_iter", path, 1000, minimum=1),
-        probe_stop=stop,
-        device=str(doc.get("device", "auto")),
-        data_dir=doc.get("data_dir"),
-        things=things,
-        features_dir=doc.get("features_dir"),
-        weights_dir=doc.get("weights_dir"),
-        allow_random_weights=allow_random,
-        execution=_execution(doc, path),
+        validated = StudyFile.model_validate(doc)
+    except ValidationError as exc:
+        raise StudyError(f"{path}: {_reason(exc)}") from None
+    return validated.study(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recovery_assets.study",
+        description="The study file's JSON schema (studies/" + SCHEMA_FILE + ").",
     )
+    parser.add_argument("--schema", action="store_true", help="print the JSON schema")
+    args = parser.parse_args(argv)
+    if not args.schema:
+        parser.print_help()
+        return 2
+    sys.stdout.write(json.dumps(study_json_schema(), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

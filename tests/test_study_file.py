@@ -1,16 +1,26 @@
 """Tests of the study file (recovery_assets.study): the bundled studies load with the expected
-settings, and every kind of bad file is refused with one StudyError naming the file and the
-problem."""
+settings, every kind of bad file is refused with one StudyError naming the file, the key path and
+the problem, and the published JSON schema (studies/study.schema.json) is the generated one."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
-from recovery_assets.study import DEFAULT_STUDY, STUDY_ENV, StudyError, load_study
+from recovery_assets.defs.versions import code_versions
+from recovery_assets.study import (
+    DEFAULT_STUDY,
+    STUDY_ENV,
+    StudyError,
+    load_study,
+    study_json_schema,
+)
+from recovery_assets.study import main as study_main
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "studies" / "demo.yaml"
@@ -315,10 +325,127 @@ def test_bad_value_types_are_study_errors(tmp_path, case):
     assert str(info.value).startswith(str(path.resolve()))
 
 
-def test_stopping_rule_is_a_study_setting_in_the_code_version(tmp_path):
+def test_stopping_rule_is_a_study_setting_in_the_code_versions(tmp_path):
     doc = copy.deepcopy(BASE)
     doc["probe"]["stop"] = "paper"
     paper = load_study(write(tmp_path, doc, "paper.yaml"))
     optimum = load_study(write(tmp_path, BASE))
     assert paper.probe_stop == "paper" and optimum.probe_stop == "optimum"
-    assert paper.code_version != optimum.code_version  # its assets are stale under the other rule
+    # its fitted assets are stale under the other rule
+    fitted = {"generator_probes", "candidate_scores"}
+    before, after = code_versions(optimum), code_versions(paper)
+    assert {a for a in before if before[a] != after[a]} >= fitted
+    assert before["stimuli"] == after["stimuli"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the schema: unknown keys, the models' sources and bounds name the file and the key path
+
+
+def _entry(i, **change):
+    return lambda d: d["models"][i].update(change)
+
+
+KEY_PATHS = {
+    "unknown_top_level_key": (
+        _set("colour", "red"),
+        "unknown keys ['colour']; allowed: ['allow_random_weights', 'base', 'candidates', "
+        "'data_dir', 'device', 'execution', 'extra_models', 'features_dir', 'generator', 'human', "
+        "'kind', 'models', 'name', 'probe', 'regression', 'simulations', 'sizes', 'stimuli', "
+        "'things', 'weights_dir']",
+    ),
+    "unknown_key_in_a_model": (
+        _entry(1, colour="red"),
+        "models[1]: model 'b' (source timm): unknown keys ['colour']; allowed: ['arch', "
+        "'checkpoint', 'hf_repo', 'layer', 'name', 'options', 'seed', 'source', 'weights']",
+    ),
+    "unknown_key_in_a_map": (
+        lambda d: d["probe"].update(famly="diagonal"),
+        "probe: unknown keys ['famly']; allowed: ['dtype', 'family', 'max_iter', 'penalty', "
+        "'stop']",
+    ),
+    "unknown_source": (
+        _entry(1, source="hub"),
+        "models[1].source must be one of ['timm', 'features'], got 'hub'",
+    ),
+    "bound_of_a_model_key": (_entry(1, seed=-1), "models[1]: 'seed' must be >= 0, got -1"),
+    "bound_of_a_nested_key": (
+        lambda d: d["generator"].update(cv_folds=1),
+        "generator: 'cv_folds' must be >= 2, got 1",
+    ),
+    "bound_of_a_demo_setting": (
+        lambda d: d["stimuli"].update(size=4),
+        "stimuli: 'size' must be >= 8, got 4",
+    ),
+    "type_of_a_model_key": (
+        _entry(0, arch=18),
+        "models[0]: 'arch' must be a string, got 18",
+    ),
+    "model_not_a_map": (
+        lambda d: d["models"].append("c"),
+        "models[2] must be a map, got 'c'",
+    ),
+    "missing_model_key": (
+        lambda d: d["models"][0].pop("arch"),
+        "models[0]: missing required key 'arch'",
+    ),
+    "choice_of_a_deep_key": (
+        _set("execution", {"executor": "ray"}),
+        "execution.executor must be one of ['in_process', 'dask'], got 'ray'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(KEY_PATHS))
+def test_schema_errors_name_the_file_and_the_key_path(tmp_path, case):
+    fn, reason = KEY_PATHS[case]
+    path = write(tmp_path, mutated(fn), f"{case}.yaml")
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    assert str(info.value) == f"{path.resolve()}: {reason}"
+
+
+def test_an_empty_map_reads_as_empty(tmp_path):
+    doc = mutated(lambda d: d.update(human=None, probe=None, regression=None))
+    s = load_study(write(tmp_path, doc))
+    assert s.human == {} and s.convention_reference == "pixels"
+    assert (s.spec.family, s.max_iter, s.regression) == (
+        "full",
+        1000,
+        {"n_boot": 10_000, "seed": 0},
+    )
+
+
+SCHEMA = ROOT / "studies" / "study.schema.json"
+SHIPPED = sorted((ROOT / "studies").glob("*.yaml"))
+
+
+def test_the_published_schema_is_the_generated_one(capsys):
+    """studies/study.schema.json is what `python -m recovery_assets.study --schema` writes: after
+    a change to the models, run it again (> studies/study.schema.json)."""
+    assert json.loads(SCHEMA.read_text()) == study_json_schema()
+    assert study_main(["--schema"]) == 0
+    assert capsys.readouterr().out == SCHEMA.read_text()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_study_validates(path):
+    study = load_study(path)
+    assert study.name == path.stem
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# yaml-language-server: $schema=study.schema.json"  # editors find it
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_study_file_passes_the_json_schema(path):
+    """What an editor checks: the file as written (a `base:` file gives only what it changes)."""
+    doc = yaml.safe_load(path.read_text())
+    jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).validate(doc)
+
+
+def test_the_json_schema_refuses_what_the_loader_refuses():
+    validator = jsonschema.Draft202012Validator(study_json_schema())
+    assert validator.is_valid(BASE)
+    for fn in (_set("colour", 1), _entry(0, colour=1), _entry(0, source="hub"), _del("kind")):
+        assert not validator.is_valid(mutated(fn))
+    assert validator.is_valid({"base": "demo.yaml", "name": "child", "probe": {"stop": "paper"}})
