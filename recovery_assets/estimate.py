@@ -87,7 +87,9 @@ def _timm_info(arch: str) -> tuple[int, int, float]:
     import timm
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
+    from recovery_assets.sources.timm_features import hf_offline
+
+    with hf_offline(), torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, num_classes=0)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     params = sum(p.numel() for p in model.parameters())

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from recovery_assets.sources.demo import demo_stimuli
+from recovery_assets.sources.demo_stimuli import demo_stimuli
 from recovery_assets.sources.timm_features import (
     count_parameters,
     create_model,
@@ -90,3 +90,80 @@ def test_image_files_use_the_models_evaluation_transform(tmp_path, images):
 def test_parameter_count_without_building_the_weights():
     assert count_parameters("resnet18") == 11_176_512  # torchvision's 11,689,512 minus fc
     assert count_parameters("vit_large_patch16_224") == 303_301_632
+
+
+def test_importing_the_package_leaves_the_environment_alone(tmp_path):
+    """No environment change at import (or when the definitions are built): offline mode is
+    set only around the calls that build networks or find weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import os\n"
+        "import recovery_assets.definitions as d\n"
+        "d.defs()\n"
+        "import recovery_assets.pipeline, recovery_assets.sources.timm_features\n"
+        "from huggingface_hub import constants\n"
+        "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(RECOVERY_STUDY=str(root / "studies" / "tiny.yaml"), RECOVERY_DATA=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["None", "False"]
+
+
+def test_hf_cache_weights_are_found_and_loaded_offline(tmp_path, monkeypatch, images, state):
+    """With HF_HUB_OFFLINE unset, the cache lookup and the network are still offline (the
+    variable and huggingface_hub's switch), and both are restored afterwards."""
+    import os
+
+    import huggingface_hub
+    import timm
+    from huggingface_hub import constants
+
+    from recovery_assets.sources import timm_features
+
+    _fake_hf_cache(tmp_path / "hub", "timm/resnet18.a1_in1k", state)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def recording(fn):
+        def call(*args, **kwargs):
+            seen.append(
+                (fn.__name__, os.environ.get("HF_HUB_OFFLINE"), constants.is_offline_mode())
+            )
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", recording(huggingface_hub.try_to_load_from_cache)
+    )
+    monkeypatch.setattr(timm, "create_model", recording(timm.create_model))
+    found = timm_features.hf_cache_checkpoint("resnet18.a1_in1k")
+    x, info = timm_features.extract_features(
+        "resnet18", images, seed=0, checkpoint=found, weights="hf_cache"
+    )
+    assert info["weights"] == "hf_cache" and np.isfinite(x).all()
+    assert {name for name, _, _ in seen} == {"try_to_load_from_cache", "create_model"}
+    assert all(env == "1" and offline for _, env, offline in seen), seen
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+    with timm_features.hf_offline():  # nested and restored to a value that was set
+        with timm_features.hf_offline():
+            assert os.environ["HF_HUB_OFFLINE"] == "1"
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with timm_features.hf_offline():
+        assert constants.is_offline_mode()
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and constants.HF_HUB_OFFLINE is False

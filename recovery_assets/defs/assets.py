@@ -19,6 +19,8 @@ from recovery_assets.defs.partitions import (
     split_job_key,
 )
 from recovery_assets.defs.resources import DeviceResource, StorageResource
+from recovery_assets.defs.tables import table_metadata
+from recovery_assets.defs.versions import code_version
 from recovery_assets.errors import StopSignal, input_errors, note_stop
 from recovery_assets.study import Study
 
@@ -46,9 +48,16 @@ def _plain(value):
     return value
 
 
-def _finish(store, metadata: dict, check_results=None) -> dg.MaterializeResult:
+def _finish(
+    store, metadata: dict, check_results=None, table: str | None = None, partition=None
+) -> dg.MaterializeResult:
+    """The step's result; with ``table`` (the asset's name) its table's row counts and columns
+    (``defs.tables``), read after the views are rebuilt."""
     store.rebuild_views()
-    return dg.MaterializeResult(metadata=_plain(metadata), check_results=check_results or [])
+    metadata = _plain(metadata)
+    if table is not None:
+        metadata = {**metadata, **table_metadata(store, table, partition)}
+    return dg.MaterializeResult(metadata=metadata, check_results=check_results or [])
 
 
 # Set by `recovery study`: the steps' own log lines (what they do, progress with rate and time
@@ -122,19 +131,20 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     gpu = gpu_step(study, on_dask)
     prefix = study.key_prefix
 
-    def placed(group: str) -> dict:
-        """Where an asset belongs: its study's key prefix and group, its study's code version."""
+    def placed(group: str, name: str) -> dict:
+        """Where an asset belongs: its study's key prefix and group; its code version (the code
+        and the study settings it depends on: ``defs.versions``)."""
         return {
             "group_name": f"{study.slug}_{group}",
             "key_prefix": prefix,
-            "code_version": study.code_version,
+            "code_version": code_version(study, name),
         }
 
     def key(name: str) -> dg.AssetKey:
         return dg.AssetKey([prefix, name])
 
     @dg.asset(
-        **placed("inputs"),
+        **placed("inputs", "stimuli"),
         kinds={"numpy", "parquet"},
     )
     def stimuli(
@@ -142,10 +152,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         """The concept table in index order and the stimulus images (demo crops or THINGS)."""
         store = storage.store(study)
-        return _finish(store, pipeline.build_stimuli(study, store, _log(context)))
+        return _finish(store, pipeline.build_stimuli(study, store, _log(context)), table="stimuli")
 
     @dg.asset(
-        **placed("inputs"),
+        **placed("inputs", "embeddings"),
         partitions_def=models,
         deps=[stimuli],
         **gpu,
@@ -163,13 +173,13 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             row = pipeline.build_embeddings(
                 study, store, context.partition_key, device.torch_device(study), _log(context)
             )
-        return _finish(store, row)
+        return _finish(store, row, table="embeddings", partition={"model": context.partition_key})
 
     # the convention is detected with a reference similarity: pixels, or a model's features
     human_deps = [stimuli] if study.convention_reference == "pixels" else [stimuli, embeddings]
 
     @dg.asset(
-        **placed("inputs"),
+        **placed("inputs", "human_judgements"),
         deps=human_deps,
         check_specs=[
             dg.AssetCheckSpec(
@@ -195,10 +205,10 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             "observer_temperature",
         )
         meta = {k: info[k] for k in keys if k in info}
-        return _finish(store, meta, [check])
+        return _finish(store, meta, [check], table="human_judgements")
 
     @dg.asset(
-        **placed("generators"),
+        **placed("generators", "generator_probes"),
         partitions_def=models,
         deps=[embeddings, human_judgements],
         **gpu,
@@ -226,10 +236,16 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             bool(gap <= 1e-4),
             {"abs_gap": gap, "target": row["target"]},
         )
-        return _finish(store, row, [check])
+        return _finish(
+            store,
+            row,
+            [check],
+            table="generator_probes",
+            partition={"model": context.partition_key},
+        )
 
     @dg.asset(
-        **placed("recovery"),
+        **placed("recovery", "synthetic_datasets"),
         partitions_def=jobs,
         deps=[
             dg.AssetDep(generator_probes, partition_mapping=BY_MODEL),
@@ -256,10 +272,11 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         info = pipeline.build_synthetic(study, store, model, n_train, _log(context))
         check = _check("self_agreement_in_99_interval", bool(abs(info["z"]) <= 2.576), info)
         meta = {**info, "recipe": dg.MetadataValue.path(str(store.synthetic_path(model, n_train)))}
-        return _finish(store, meta, [check])
+        part = {"model": model, "n_train": n_train}
+        return _finish(store, meta, [check], table="synthetic_datasets", partition=part)
 
     @dg.asset(
-        **placed("recovery"),
+        **placed("recovery", "candidate_scores"),
         partitions_def=jobs,
         deps=[
             synthetic_datasets,
@@ -288,10 +305,11 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             {"not_converged": info["not_converged"], "fits": info["n_fits"]},
             warn=True,
         )
-        return _finish(store, info, [check])
+        part = {"model": model, "n_train": n_train}
+        return _finish(store, info, [check], table="candidate_scores", partition=part)
 
     @dg.asset(
-        **placed("recovery"),
+        **placed("recovery", "recovery_matrix"),
         partitions_def=sizes,
         deps=[dg.AssetDep(candidate_scores, partition_mapping=BY_SIZE)],
         automation_condition=AUTOMATION,
@@ -326,10 +344,12 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             "plot": dg.MetadataValue.path(str(png)),
             "confusion": dg.MetadataValue.md(plots.markdown_image(png, "confusion matrix")),
         }
-        return _finish(store, meta, [check])
+        return _finish(
+            store, meta, [check], table="recovery_matrix", partition={"n_train": n_train}
+        )
 
     @dg.asset(
-        **placed("summary"),
+        **placed("summary", "model_properties"),
         deps=[embeddings, generator_probes],
     )
     def model_properties(
@@ -338,10 +358,11 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         """Params, dimension, effective dimensionality before/after, alignment-induced shift."""
         store = storage.store(study)
         df = pipeline.build_properties(study, store, _log(context))
-        return _finish(store, {"table": dg.MetadataValue.md(df.to_markdown(index=False))})
+        meta = {"table": dg.MetadataValue.md(df.to_markdown(index=False))}
+        return _finish(store, meta, table="model_properties")
 
     @dg.asset(
-        **placed("summary"),
+        **placed("summary", "recovery_curve"),
         deps=[recovery_matrix, generator_probes],
     )
     def recovery_curve(storage: StorageResource) -> dg.MaterializeResult:
@@ -369,7 +390,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         return _finish(store, meta)
 
     @dg.asset(
-        **placed("summary"),
+        **placed("summary", "misidentification_regression"),
         deps=[candidate_scores, model_properties],
     )
     def misidentification_regression(storage: StorageResource) -> dg.MaterializeResult:
@@ -383,6 +404,7 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
                 "coefficients": dg.MetadataValue.md(coefs[cols].to_markdown(index=False)),
                 **{k: (float(v) if isinstance(v, np.floating) else v) for k, v in meta.items()},
             },
+            table="misidentification_regression",
         )
 
     return [
