@@ -11,8 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+from conftest import assert_same_rows
 
 from recovery_assets.defs.partitions import job_key
+from recovery_assets.storage import Store
 from recovery_assets.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +96,15 @@ def test_four_runs_at_once_and_a_reader(tiny_run, tmp_path):
     assert len(per) == len(study.models) * len(study.sizes)
     assert all(c == per_job for _, _, c in per)
     assert conf == len(study.models) * study.simulations
+    # and the rows hold the same values as before: the rewritten partitions are reproduced
+    before, after = Store(tiny_run.data), Store(parent / "tiny")
+    for m in (study.model_names[0], study.model_names[2]):
+        part = {"model": m, "n_train": n}
+        for table in ("candidate_fits", "candidate_selection"):
+            assert_same_rows(table, after.read_table(table, part), before.read_table(table, part))
+    for table in ("recovery_confusion", "recovery_summary"):
+        ours = after.read_table(table, {"n_train": n})
+        assert_same_rows(table, ours, before.read_table(table, {"n_train": n}))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         new = [r for r in instance.get_runs() if r.tags.get("dagster/partition") in (a, b, str(n))]
     assert len(new) >= 4 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in new)

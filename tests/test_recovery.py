@@ -153,9 +153,21 @@ def test_nll_criterion():
 
 
 def test_lambda_table_means():
-    table = lambda_table(_fits(), MODELS)
+    fits = _fits()
+    table = lambda_table(fits, MODELS)
     assert len(table) == 3 * 3 * 3
     assert (table["n_folds"] == 3).all()
+    # every row is the mean over its folds, recomputed by hand
+    for row in table.itertuples():
+        sel = fits[
+            (fits.simulation == row.simulation)
+            & (fits.generator == row.generator)
+            & (fits.candidate == row.candidate)
+            & (fits.lam == row.lam)
+        ]
+        assert len(sel) == 3
+        for col in ("val_acc", "test_acc", "val_nll", "test_nll"):
+            assert getattr(row, col) == pytest.approx(sel[col].sum() / 3, abs=1e-12), col
     row = table[(table.generator == "A") & (table.candidate == "B") & (table.lam == 0.1)]
     assert row["val_acc"].item() == pytest.approx(0.65)
 
