@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from recovery_assets.storage import atomic_write
+
 HOME_ENV = "DAGSTER_HOME"
 SETTINGS = {
     "telemetry": {"enabled": False},
@@ -39,12 +41,9 @@ def ensure_home(home: str | os.PathLike | None = None) -> Path:
         try:
             config = path / "dagster.yaml"
             if not config.exists():
-                tmp = path / ".dagster.yaml.tmp"
-                tmp.write_text(
-                    "# Written by recovery-assets: the project's instance settings.\n"
-                    + yaml.safe_dump(SETTINGS, sort_keys=False)
-                )
-                os.replace(tmp, config)
+                text = "# Written by recovery-assets: the project's instance settings.\n"
+                text += yaml.safe_dump(SETTINGS, sort_keys=False)
+                atomic_write(config, lambda tmp: Path(tmp).write_text(text))
             with dg.DagsterInstance.from_config(str(path)):
                 pass  # opening it creates (or migrates) the run, event and schedule storage
         finally:
