@@ -146,13 +146,15 @@ def lbfgs(
     max_ls: int = 30,
     progress: Callable[[int, int], None] | None = None,
     paper: PaperStop | None = None,
+    caps: torch.Tensor | None = None,
 ) -> OptimResult:
     """Minimise B independent smooth objectives with L-BFGS and a backtracking Armijo line search.
 
     ``fg`` is a plain objective or a ``Split`` one. The optimiser state is kept for the active
     problems only and compacted when problems converge, so one iteration costs a fixed number of
     batched tensor operations on the active set. ``paper``: stop by the published fits' rule
-    instead of ``rel_tol`` (see the module docstring).
+    instead of ``rel_tol`` (see the module docstring). ``caps`` (B,): each problem's own
+    iteration cap (at most ``max_iter``); a problem that reaches it is not converged.
     """
     split = fg if isinstance(fg, Split) else Split.plain(fg)
     B, P = x0.shape
@@ -182,11 +184,12 @@ def lbfgs(
     bad_start = ~torch.isfinite(f)  # e.g. float32 overflow: nothing can be fitted from here
     done = (g.abs().amax(-1) <= (paper.grad_tol if paper else grad_tol)) | bad_start
     for it in range(max_iter + 1):
-        if done.any():  # record finished problems and compact the state
-            fin = ids[done]
-            out_x[fin], out_f[fin] = x[done], f[done]
-            converged[fin] = True
-            keep = ~done
+        leave = done if caps is None else done | (iters[ids] >= caps[ids])
+        if leave.any():  # record finished problems and compact the state
+            fin = ids[leave]
+            out_x[fin], out_f[fin] = x[leave], f[leave]
+            converged[ids[done]] = True
+            keep = ~leave
             ids, x, f, g, z = ids[keep], x[keep], f[keep], g[keep], z[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
             gamma, small, fresh = gamma[keep], small[keep], fresh[keep]
@@ -243,8 +246,11 @@ def lbfgs(
             tq = torch.where(torch.isfinite(tq) & (denom > 0), tq, 0.5 * tr)
             t[rej] = torch.minimum(torch.maximum(tq.to(dt), 0.1 * tr), 0.5 * tr)
             # A step whose predicted decrease is below the convergence tolerance cannot matter:
-            # stop backtracking (the objective is at its working-precision floor).
+            # stop backtracking (the objective is at its working-precision floor). Not so for a
+            # steepest-descent restart, whose first length (a unit L1 move) says nothing of the
+            # curvature: it backtracks until accepted or max_ls.
             futile = -gd[rej] * t[rej] < 0.1 * rel_tol * f[rej].abs().clamp_min(1.0)
+            futile &= ~restart[rej]
             pending[rej[futile]] = False
             floor[rej[futile]] = True
             if not pending.any():

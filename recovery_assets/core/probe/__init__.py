@@ -12,8 +12,8 @@ cross-entropy over the training triplets plus lambda * R(W), R not divided by th
 Families: ``full`` (W is p x p), ``diagonal`` (W = diag(w)), ``rank:k`` (W is k x p, initialised
 to eye(k, p); shrinkage acts on W^T W), ``zero_shot`` (W = I, nothing fitted) and ``pca:k`` (the
 features are replaced by their centred scores on the k leading principal axes, (X - mean) P, as
-``sklearn.decomposition.PCA.transform`` gives up to the sign of each axis, the mean and axes taken over all n concepts; then a
-full k x k W is fitted, so Z = (X - mean) P W_k^T).
+``sklearn.decomposition.PCA.transform`` gives up to the sign of each axis, the mean and axes
+taken over all n concepts; then a full k x k W is fitted, so Z = (X - mean) P W_k^T).
 
 Every fit starts from the identity; the optimiser's first move is an exact 1-D search along the
 scaled identities c I (``objective._scale_search``), then L-BFGS (FISTA for L1). Fitting is

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 PRECOND_FLAT = 5.0
 # The proximal-gradient method (a non-smooth penalty) may take this many times ``max_iter``.
 PROX_ITER_FACTOR = 5
+# The symmetric phase of a reduced fit under the optimum rule (docs/exact-fit.md, "Symmetric
+# phase") runs until this relative change on two consecutive iterations; the fit then goes on in
+# the full r x r coordinates to its own stopping test. None: no symmetric phase.
+SYMMETRIC_PHASE_TOL: float | None = 1e-5
 
 
 @dataclass
@@ -56,6 +60,9 @@ class _Objective:
     unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
     shape: tuple
     start: Callable  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
+    # the same objective over symmetric A (reduced rotation-invariant fits only, else None), and
+    # the maps between its coordinates and x: (split, x -> its coordinates, back to x)
+    symmetric: tuple[optim.Split, Callable, Callable] | None = None
 
 
 def _objective(
@@ -191,7 +198,39 @@ def _objective(
         v0 = pen(x0, every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
-    return _Objective(smooth, split, x0, lam, unpack, shape, start)
+    symmetric = None
+    if family in ("full", "pca") and ctx.V[0] is not None and penalised and P.rotation_invariant:
+        symmetric = _symmetric(split, Dg, Dinv, sel, q, B)
+    return _Objective(smooth, split, x0, lam, unpack, shape, start, symmetric)
+
+
+def _symmetric(split: optim.Split, Dg, Dinv, sel, q: int, B: int):
+    """The reduced objective over symmetric A, preconditioned on both sides (docs/exact-fit.md,
+    "Symmetric phase"): A = D^-1 sym(y) D^-1 with sym(y) = (y + y^T) / 2, i.e. the column
+    coordinates x = A D = D^-1 sym(y). Returns the split objective in y and the maps y -> x
+    and x -> y (the latter for symmetric A: y = D x)."""
+
+    def rows(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return a.reshape(-1, q, q) * scale[:, :, None]
+
+    def sym(a: torch.Tensor) -> torch.Tensor:
+        return (a + a.transpose(1, 2)).mul_(0.5)
+
+    def to_x(y, idx):
+        return rows(sym(y.reshape(-1, q, q)), sel(Dinv, idx)).reshape(y.shape[0], -1)
+
+    def adjoint(g, idx):  # the gradient in y of f(x(y)) from the gradient g in x
+        return sym(rows(g, sel(Dinv, idx))).reshape(g.shape[0], -1)
+
+    def from_x(x):
+        return rows(x, sel(Dg, torch.arange(B, device=x.device))).reshape(B, -1)
+
+    split_y = optim.Split(
+        lambda y, idx: split.image(to_x(y, idx), idx),
+        lambda Z, y, idx: split.value(Z, to_x(y, idx), idx),
+        lambda Z, y, gl, idx: adjoint(split.gradient(Z, to_x(y, idx), gl, idx), idx),
+    )
+    return split_y, lambda y: to_x(y, torch.arange(B, device=y.device)), from_x
 
 
 def _scale_search(
@@ -263,10 +302,26 @@ def _fit_context(
             L0, v0, ans, w = obj.start()
             t = _scale_search(L0, ans, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
+        first = None
+        tol = SYMMETRIC_PHASE_TOL
+        if obj.symmetric is not None and paper is None and tol is not None and rel_tol < tol:
+            split_y, to_x, from_x = obj.symmetric
+            first = optim.lbfgs(
+                split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=tol,
+                progress=progress,
+            )  # fmt: skip
+            x0 = to_x(first.x)
+            done = int(first.iterations.max())
+            if progress is not None:
+                progress = _shifted(progress, done)
         res = optim.lbfgs(
             obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol,
             progress=progress, paper=paper,
+            caps=None if first is None else max_iter - first.iterations,
         )  # fmt: skip
+        if first is not None:  # one fit, two phases: count both
+            res.iterations += first.iterations
+            res.evaluations += first.evaluations
 
     fits = []
     for b, lam_b in enumerate(lams):
@@ -289,6 +344,11 @@ def _fit_context(
         else:
             fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, mu=mu, **common))
     return fits
+
+
+def _shifted(progress: Callable[[int, int], None], offset: int) -> Callable[[int, int], None]:
+    """``progress`` with its iteration counted on from ``offset`` (the second phase of a fit)."""
+    return lambda iteration, active: progress(iteration + offset, active)
 
 
 def _iteration_cap(spec: ProbeSpec, max_iter: int) -> int:
