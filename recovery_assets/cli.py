@@ -419,6 +419,117 @@ def sql_cmd(recipe: str, study_path: str | None) -> None:
     _print_sql(Store(data_root(study)).db_path, _recipe(recipe))
 
 
+@main.command("advise")
+@click.option("--study", "study_path", default=None, help=STUDY_HELP)
+@click.option(
+    "--target",
+    type=FiniteFloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+    required=True,
+    help="the recovery accuracy wanted, above chance and below 1",
+)
+@click.option(
+    "--criterion",
+    type=ChoiceOf("recovery_assets.pipeline", "CRITERIA"),
+    default="accuracy",
+    show_default=True,
+    help="the selection rule whose recovery accuracy is meant",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def advise_cmd(study_path: str | None, target: float, criterion: str, as_json: bool) -> None:
+    """How many training triplets reach a target recovery accuracy (docs/analyses.md §3).
+
+    Fits the saturating recovery curve to the study's recovery results (recovery_summary: every
+    size materialized so far, at least 3) and prints the smallest N at which the lower 95% bound
+    of the fitted curve reaches TARGET, or that the target is out of reach, with the plateau and
+    its interval. Exit code 2 and one line when the study has no recovery results yet.
+    """
+    from recovery_assets.results import NoResults, study_advice
+    from recovery_assets.storage import Store, data_root
+
+    study = _open_study(study_path)
+    db = Store(data_root(study)).db_path
+    try:
+        advice = study_advice(study, db, target, criterion)
+    except (NoResults, ValueError) as exc:
+        _fail("advise", f"study {study.name}: {exc}")
+    if as_json:
+        record = {"study": study.name, "criterion": criterion, "database": str(db)}
+        click.echo(json.dumps({**record, **advice.as_dict()}))
+        return
+    p = advice.params
+    sizes = ", ".join(f"{n:,}" for n in advice.curve.n_train)
+    click.echo(f"study {study.name}, selected by {criterion}, N = {sizes} ({db})")
+    click.echo(
+        f"fitted curve: plateau {advice.plateau:.3f} ({100 * advice.level:g}% CI "
+        f"[{advice.plateau_ci[0]:.3f}, {advice.plateau_ci[1]:.3f}]), half-way from chance "
+        f"({p['chance']:.3f}) at N = {p['n_mid']:,.0f}, width {p['c']:.2f} in log N"
+    )
+    click.echo(advice.message)
+
+
+def _png(ctx, param, value: Path | None) -> Path | None:
+    if value is not None and value.suffix.lower() != ".png":
+        raise click.BadParameter(f"{value}: the plot is a PNG file; name it *.png")
+    return value
+
+
+@main.command("compare")
+@click.option(
+    "--study",
+    "study_paths",
+    multiple=True,
+    required=True,
+    help="a study file or shipped study's name; give --study once per study",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    callback=_png,
+    help="write the trade-off plot to this PNG file",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def compare_cmd(study_paths: tuple[str, ...], out: Path | None, as_json: bool) -> None:
+    """Fit to people against recovery, one point per study (e.g. one probe family each).
+
+    For each study: the human test accuracy of its winner on the human data (its best generator
+    probe on test set 2) and its recovery accuracy (selected by accuracy) at its largest N, with
+    the exact 95% interval, read from the study's DuckDB file. --out draws them as the trade-off
+    plot. Exit code 2 and one line when a study has no results yet.
+    """
+    from recovery_assets.results import NoResults, tradeoff_point
+    from recovery_assets.storage import Store, data_root
+
+    points, seen = [], set()
+    for path in study_paths:
+        study = _open_study(path)
+        if study.name in seen:
+            _fail("compare", f"--study {path}: study {study.name} is given twice")
+        seen.add(study.name)
+        try:
+            points.append(tradeoff_point(study, Store(data_root(study)).db_path))
+        except (NoResults, ValueError) as exc:
+            _fail("compare", f"study {study.name}: {exc}")
+    import pandas as pd
+
+    if out is not None:
+        from recovery_assets import plots
+
+        try:
+            plots.accuracy_tradeoff(pd.DataFrame(points), out)
+        except OSError as exc:
+            _fail("compare", f"--out {out}: cannot write ({exc})")
+    if as_json:
+        click.echo(json.dumps({"studies": points, "plot": str(out) if out else None}))
+        return
+    columns = ["study", "family", "penalty", "human_winner", "human_test_accuracy", "n_train"]
+    table = pd.DataFrame(points)[[*columns, "recovery_accuracy", "ci_low", "ci_high"]]
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        click.echo(table.to_string(index=False))
+    if out is not None:
+        click.echo(f"plot: {out}")
+
+
 @main.command("list")
 @click.argument("what", type=click.Choice(["all", "studies", "recipes"]), default="all")
 def list_cmd(what: str) -> None:

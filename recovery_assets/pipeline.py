@@ -14,6 +14,17 @@ import torch
 
 from recovery_assets.core import geometry, regression
 from recovery_assets.core.generator import fit_generator_probe, triplet_logits
+from recovery_assets.core.identifiability import (
+    human_winner_posterior,
+    identifiability_table,
+    never_won_table,
+)
+from recovery_assets.core.open_set import (
+    nearest_neighbours,
+    open_set_summary,
+    open_set_winners,
+    rsa_matrix,
+)
 from recovery_assets.core.probe import features_for
 from recovery_assets.core.progress import Progress
 from recovery_assets.core.recovery import recovery_metrics, select_and_score
@@ -25,6 +36,7 @@ from recovery_assets.core.simulation import (
     iter_synthetic_job,
 )
 from recovery_assets.core.triplets import human_rows_to_positions, triplet_keys
+from recovery_assets.results import human_winner
 from recovery_assets.storage import Store
 from recovery_assets.study import Study, StudyError
 
@@ -796,13 +808,21 @@ def build_recovery(study: Study, store: Store, n_train: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- properties
+def probe_inputs(study: Study, store: Store, model: str) -> tuple[np.ndarray, np.ndarray]:
+    """A model's features as its probes see them (``features_for``: ``pca:k`` centres them) and
+    its human-fitted generator probe W, both float64: Z = X W^T is its human-fitted
+    representation (docs/method.md §4)."""
+    X = features_for(study.spec, load_features(store, model).astype(np.float64))
+    W, _ = load_generator(store, model)
+    return X, W.astype(np.float64)
+
+
 def build_properties(study: Study, store: Store, log: Log) -> pd.DataFrame:
     rows = []
     emb = store.read_table("embeddings").set_index("model")
     for m in study.model_names:
-        X = features_for(study.spec, load_features(store, m).astype(np.float64))
-        W, _ = load_generator(store, m)
-        props = geometry.geometry_properties(X, W.astype(np.float64))
+        X, W = probe_inputs(study, store, m)
+        props = geometry.geometry_properties(X, W)
         rows.append(
             dict(
                 model=m,
@@ -848,3 +868,87 @@ def build_regression(study: Study, store: Store) -> tuple[pd.DataFrame, dict]:
     store.write_table("regression_frame", frame.assign(n_train=N))
     store.write_table("misidentification_regression", coefs.assign(n_train=N))
     return coefs, meta
+
+
+# ----------------------------------------------------------------------------- analyses
+# docs/analyses.md §1 and §2, on every size of the study; the intervals' Monte Carlo draws and
+# seed are the documented defaults (the same seed at every size: a size's rows do not depend on
+# the others)
+POSTERIOR_DRAWS = 4000
+POSTERIOR_SEED = 0
+
+
+def _text(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Text columns as pandas strings: a table with no rows keeps its column types in Parquet."""
+    return df.astype({c: "string" for c in columns})
+
+
+def load_confusion(study: Study, store: Store) -> pd.DataFrame:
+    """The recovery matrices (``recovery_confusion``) of every size of the study."""
+    return pd.concat(
+        [store.read_table("recovery_confusion", {"n_train": n}) for n in study.sizes],
+        ignore_index=True,
+    )
+
+
+def build_identifiability(study: Study, store: Store) -> dict:
+    """What a win means (docs/analyses.md §1): P(generator | winner) with Monte Carlo intervals
+    at every size and criterion (table ``identifiability``), the winners without a posterior
+    (``never_won``), and the posterior of the model that wins on the human data, per size
+    (``human_winner_posterior``, criterion accuracy: the human winner is the generator probe with
+    the highest human test accuracy)."""
+    order = study.model_names
+    confusion = load_confusion(study, store)
+    table = identifiability_table(confusion, order, n_draws=POSTERIOR_DRAWS, seed=POSTERIOR_SEED)
+    never = never_won_table(confusion, order)
+    generators = store.read_table("generator_probes")
+    winner = human_winner(generators, order)
+    human = human_winner_posterior(table, winner, criterion="accuracy")
+    accuracy = generators.set_index("model").loc[winner, "human_test_accuracy"]
+    store.write_table("identifiability", _text(table, ("criterion", "winner", "generator")))
+    store.write_table("never_won", _text(never, ("criterion", "winner")))
+    per_n = human.per_n.assign(human_test_accuracy=float(accuracy))
+    store.write_table("human_winner_posterior", _text(per_n, ("criterion", "winner", "generator")))
+    n = study.largest_size
+    true = human.true_model_posterior().set_index("n_train")
+    # P(the human winner generated the data | it won) at the largest N; None: it never won there
+    at = true.loc[n] if n in true.index else None
+    never_won = never.groupby(["n_train", "criterion"])["winner"].agg(list)
+    summary = {
+        "human_winner": winner,
+        "human_winner_test_accuracy": float(accuracy),
+        "largest_n": n,
+        "p_true_given_human_win": None if at is None else float(at["posterior"]),
+        "ci_95": None if at is None else [float(at["ci_low"]), float(at["ci_high"])],
+        "human_winner_never_won_at": human.never_won_at,
+        "never_won": {f"{k[0]}/{k[1]}": v for k, v in never_won.items()} or "none",
+    }
+    return {"table": table, "never_won": never, "human": human, "summary": summary}
+
+
+def build_open_set(study: Study, store: Store, log: Log) -> dict:
+    """Open-set recovery (docs/analyses.md §2): every job's winner with its generator removed
+    from the candidates (the stored candidate selections, no refit; table
+    ``open_set_recovery``), the RSA similarity of the human-fitted representations Z = X W^T
+    (``rsa_similarity``) and, per model, whether its data go to its nearest neighbour and whose
+    data it attracts (``open_set_summary``)."""
+    order = study.model_names
+    selection = pd.concat([load_selection(study, store, n) for n in study.sizes])
+    winners = open_set_winners(selection, order)
+    representations = {
+        m: geometry.transformed_features(*probe_inputs(study, store, m)) for m in order
+    }
+    similarity = rsa_matrix(representations, order)
+    nearest = nearest_neighbours(similarity, order)
+    summary = open_set_summary(winners, nearest)
+    for row in nearest.itertuples():
+        log(f"{row.model}: nearest neighbour {row.nearest} (RSA {row.similarity:.3f})")
+    pairs = similarity.rename_axis(index="model", columns="other").stack()
+    pairs = pairs.rename("similarity").reset_index()
+    store.write_table(
+        "open_set_recovery",
+        _text(winners, ("criterion", "generator", "open_winner", "closed_winner")),
+    )
+    store.write_table("open_set_summary", _text(summary, ("criterion", "model", "nearest")))
+    store.write_table("rsa_similarity", _text(pairs, ("model", "other")))
+    return {"winners": winners, "nearest": nearest, "summary": summary}

@@ -81,7 +81,7 @@ def materialize_study(
         for m in study.model_names:
             step(["synthetic_datasets", "candidate_scores"], str(job_key(m, n)))
         step(["recovery_matrix"], str(n))
-    step(["model_properties", "recovery_curve", "misidentification_regression"])
+    step(next(keys for name, keys, _ in STAGES if name == "summary_job"))
     return Store(data_root(study, storage_root))
 
 

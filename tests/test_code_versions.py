@@ -72,7 +72,8 @@ def test_a_probe_setting_changes_the_fitting_assets_only(tmp_path, tiny):
     after = versions.code_versions(family)
     changed = {a for a in before if before[a] != after[a]}
     assert changed == {"generator_probes", "synthetic_datasets", "candidate_scores"} | {
-        "model_properties"
+        "model_properties",
+        "open_set_recovery",
     }
     assert not changed & set(INPUTS)
 
@@ -89,6 +90,13 @@ def test_input_settings_change_their_own_assets(tmp_path, tiny):
             "recovery_matrix",
         },
         ("n_boot: 200", "n_boot: 100"): {"misidentification_regression"},
+        # the per-size assets only gain a partition; the summaries read every size
+        ("sizes: [50, 100]", "sizes: [50, 100, 200]"): {
+            "recovery_curve",
+            "misidentification_regression",  # at the largest size
+            "identifiability",
+            "open_set_recovery",
+        },
     }
     for (old, new), expected in cases.items():
         after = versions.code_versions(load_study(_variant(tmp_path, old, new)))

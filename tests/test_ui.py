@@ -38,6 +38,8 @@ UNPARTITIONED = [
     "model_properties",
     "recovery_curve",
     "misidentification_regression",
+    "identifiability",
+    "open_set_recovery",
 ]
 BY_MODEL = ["embeddings", "generator_probes"]
 BY_JOB = ["synthetic_datasets", "candidate_scores"]  # MultiPartitions model x n_train

@@ -41,6 +41,7 @@ __all__ = [
     "euclidean_rdm",
     "geometry_properties",
     "participation_ratio",
+    "transformed_features",
 ]
 
 _MIN_CONCEPTS_RDM = 3
@@ -72,6 +73,24 @@ def _transform(X: np.ndarray, W: Any) -> np.ndarray:
             f"W must have shape (q, p) with p = X.shape[1] = {X.shape[1]}, got W.shape = {W.shape}"
         )
     return X @ W.T
+
+
+def transformed_features(X: Any, W: Any) -> np.ndarray:
+    """A model's features through its probe, Z = X W^T (docs/method.md §4): for the human-fitted
+    generator probe, the model's human-fitted representation.
+
+    Parameters
+    ----------
+    X : array-like, shape (n, p)
+        Features of the n concepts (as the probe sees them: ``probe.features_for``).
+    W : array-like, shape (q, p)
+        The probe's linear map.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n, q), float64
+    """
+    return _transform(_as_matrix(X, "X"), W)
 
 
 def euclidean_rdm(X: Any) -> rsatoolbox.rdm.RDMs:

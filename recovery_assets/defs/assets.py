@@ -94,6 +94,11 @@ def _fails_at_once():
         raise dg.Failure(description="stopped by a signal", allow_retries=False) from exc
 
 
+def _md(df, empty: str) -> dg.MetadataValue:
+    """A table as Markdown metadata, or ``empty`` when it has no rows."""
+    return dg.MetadataValue.md(df.to_markdown(index=False) if len(df) else empty)
+
+
 def _check(name: str, passed, metadata: dict, warn: bool = False) -> dg.AssetCheckResult:
     severity = dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR
     return dg.AssetCheckResult(
@@ -407,6 +412,68 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
             table="misidentification_regression",
         )
 
+    @dg.asset(
+        **placed("summary", "identifiability"),
+        deps=[recovery_matrix, generator_probes],
+        kinds={"parquet"},
+    )
+    def identifiability(storage: StorageResource) -> dg.MaterializeResult:
+        """What a win means (docs/analyses.md §1): P(true model | winner) with 95% intervals at
+        every N; applied to the winner on the human data (best generator probe)."""
+        store = storage.store(study)
+        res = pipeline.build_identifiability(study, store)
+        human, n, table = res["human"], study.largest_size, res["table"]
+        png = plots.identifiability_heatmap(
+            table[(table["n_train"] == n) & (table["criterion"] == "accuracy")],
+            study.model_names,
+            f"N = {n}, selected by accuracy: P(generator | winner)",
+            store.plot_path("identifiability.png"),
+            human=human.winner,
+        )
+        per_n = human.true_model_posterior()[["n_train", "posterior", "ci_low", "ci_high"]]
+        largest = human.at_largest[["generator", "n_wins", "posterior", "ci_low", "ci_high"]]
+        meta = {
+            **res["summary"],
+            "p_true_given_human_win_per_n": _md(per_n, "(it never won: no posterior)"),
+            "posterior_at_largest_n": _md(largest, "(it never won at this N: no posterior)"),
+            "heatmap": dg.MetadataValue.md(plots.markdown_image(png, "P(generator | winner)")),
+        }
+        return _finish(store, meta, table="identifiability")
+
+    @dg.asset(
+        **placed("summary", "open_set_recovery"),
+        deps=[candidate_scores, embeddings, generator_probes],
+        kinds={"parquet"},
+    )
+    def open_set_recovery(
+        context: dg.AssetExecutionContext, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        """Open-set recovery (docs/analyses.md §2): who wins each generator's data when it is not
+        a candidate, and is that its nearest neighbour in the human-fitted geometry?"""
+        store = storage.store(study)
+        res = pipeline.build_open_set(study, store, _log(context))
+        n, nearest = study.largest_size, res["nearest"]
+        w, summary = res["winners"], res["summary"]
+        w = w[(w["n_train"] == n) & (w["criterion"] == "accuracy")]
+        png = plots.open_set_heatmap(
+            w,
+            study.model_names,
+            dict(zip(nearest["model"], nearest["nearest"], strict=True)),
+            f"N = {n}, selected by accuracy: open-set winners",
+            store.plot_path("open_set.png"),
+        )
+        at = summary[(summary["n_train"] == n) & (summary["criterion"] == "accuracy")]
+        meta = {
+            "largest_n": n,
+            "frac_to_nearest_at_largest_n": float(at["n_to_nearest"].sum() / at["n_jobs"].sum()),
+            "nearest_neighbours": dg.MetadataValue.md(nearest.to_markdown(index=False)),
+            "summary_at_largest_n": dg.MetadataValue.md(
+                at.drop(columns=["n_train", "criterion"]).to_markdown(index=False)
+            ),
+            "heatmap": dg.MetadataValue.md(plots.markdown_image(png, "open-set winners")),
+        }
+        return _finish(store, meta, table="open_set_recovery")
+
     return [
         stimuli,
         embeddings,
@@ -418,4 +485,6 @@ def build_assets(study: Study, on_dask: bool = False) -> list[dg.AssetsDefinitio
         model_properties,
         recovery_curve,
         misidentification_regression,
+        identifiability,
+        open_set_recovery,
     ]

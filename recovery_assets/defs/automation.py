@@ -17,7 +17,17 @@ STAGES = (
     ("generators_job", ["generator_probes"], "model"),
     ("recovery_jobs_job", ["synthetic_datasets", "candidate_scores"], "job"),
     ("recovery_matrix_job", ["recovery_matrix"], "n_train"),
-    ("summary_job", ["model_properties", "recovery_curve", "misidentification_regression"], None),
+    (
+        "summary_job",
+        [
+            "model_properties",
+            "recovery_curve",
+            "misidentification_regression",
+            "identifiability",
+            "open_set_recovery",
+        ],
+        None,
+    ),
 )
 
 

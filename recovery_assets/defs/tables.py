@@ -29,6 +29,8 @@ TABLES = {
     "recovery_matrix": "recovery_confusion",
     "model_properties": "model_properties",
     "misidentification_regression": "misidentification_regression",
+    "identifiability": "identifiability",
+    "open_set_recovery": "open_set_recovery",
 }
 
 # how recovery.duckdb's views read a table (Store.rebuild_views)

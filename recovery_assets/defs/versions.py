@@ -138,6 +138,17 @@ def _curve(s: Study) -> dict:
     return {"sizes": s.sizes}
 
 
+def _identifiability(s: Study) -> dict:
+    # the model order (ties, the table's order) and the sizes read (every size's matrix)
+    return {"models": s.model_names, "sizes": s.sizes}
+
+
+def _open_set(s: Study) -> dict:
+    # the candidate selections of every size; the human-fitted representations use the probe
+    # family's features (pca:k centres them)
+    return {"models": s.model_names, "sizes": s.sizes, "spec": s.spec}
+
+
 def _regression(s: Study) -> dict:
     return {"models": s.model_names, "largest_size": s.largest_size, "regression": s.regression}
 
@@ -179,6 +190,14 @@ VERSIONS: dict[str, AssetVersion] = {
     "model_properties": AssetVersion((f"{C}.geometry", f"{C}.probe"), _properties),
     "recovery_curve": AssetVersion(("recovery_assets.plots",), _curve),
     "misidentification_regression": AssetVersion((f"{C}.regression",), _regression),
+    # recovery_assets.results names the winner on the human data
+    "identifiability": AssetVersion(
+        (f"{C}.identifiability", "recovery_assets.results", "recovery_assets.plots"),
+        _identifiability,
+    ),
+    "open_set_recovery": AssetVersion(
+        (f"{C}.open_set", f"{C}.geometry", f"{C}.probe", "recovery_assets.plots"), _open_set
+    ),
 }
 
 
