@@ -60,6 +60,25 @@ def tiny_run(tmp_path_factory) -> TinyRun:
 
 
 @pytest.fixture(scope="module")
+def study(tiny_run):
+    """The tiny study, loaded from its file."""
+    from recovery_assets.study import load_study
+
+    return load_study(tiny_run.study_path)
+
+
+def query(db: Path, sql: str):
+    """One read-only query of a study's DuckDB file, as a DataFrame."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchdf()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
 def single_thread():
     """Torch on one thread for the module (small fits; no oversubscription of 2 cores)."""
     import torch

@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import assert_same_rows
+from conftest import assert_same_rows, query
 
 from recovery_assets import pipeline
 from recovery_assets.cli import main
@@ -25,23 +24,13 @@ from recovery_assets.core.open_set import (
     rsa_matrix,
 )
 from recovery_assets.storage import DATA_ENV, Store
-from recovery_assets.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def study(tiny_run):
-    return load_study(tiny_run.study_path)
-
-
-def _sql(data: Path, query: str) -> pd.DataFrame:
-    con = duckdb.connect(str(data / "recovery.duckdb"), read_only=True)
-    try:
-        return con.execute(query).fetchdf()
-    finally:
-        con.close()
+def _sql(data: Path, sql: str) -> pd.DataFrame:
+    return query(data / "recovery.duckdb", sql)
 
 
 def _metadata(tiny_run, asset: str) -> dict:

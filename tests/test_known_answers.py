@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pytest
 import yaml
+from conftest import query
 from things_folders import make_things_folder
 
 from recovery_assets.results import study_advice
@@ -31,12 +31,8 @@ SIZES = [50, 200, 1000]
 SIMULATIONS = 6
 
 
-def _sql(db: Path, query: str):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(query).fetchdf()
-    finally:
-        con.close()
+def _sql(db: Path, sql: str):
+    return query(db, sql)
 
 
 @pytest.fixture(scope="module")

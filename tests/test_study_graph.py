@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import query
 from scipy.optimize import brentq
 from scipy.stats import beta, rankdata
 
@@ -21,7 +21,6 @@ from recovery_assets.defs import build_definitions
 from recovery_assets.defs.partitions import job_key
 from recovery_assets.defs.resources import StorageResource
 from recovery_assets.storage import Store
-from recovery_assets.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = [
@@ -44,17 +43,8 @@ CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def study(tiny_run):
-    return load_study(tiny_run.study_path)
-
-
-def _sql(data: Path, query: str) -> pd.DataFrame:
-    con = duckdb.connect(str(data / "recovery.duckdb"), read_only=True)
-    try:
-        return con.execute(query).fetchdf()
-    finally:
-        con.close()
+def _sql(data: Path, sql: str) -> pd.DataFrame:
+    return query(data / "recovery.duckdb", sql)
 
 
 def test_every_asset_and_partition_materialized(tiny_run, study):
