@@ -38,7 +38,7 @@ def dg_env(tmp_path_factory) -> dict[str, str]:
 
 def _dg(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     if not DG.exists():
-        pytest.skip(f"{DG} is missing: install the dev extras (pip install -e '.[dev]')")
+        pytest.fail(f"{DG} is missing: install the dev extras (pip install -e '.[dev]')")
     return subprocess.run(
         [str(DG), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
