@@ -48,7 +48,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recovery_assets.core.recovery import _check_columns, _check_model_order, _check_names
+from recovery_assets.core.recovery import (
+    _check_columns,
+    _check_model_order,
+    _check_names,
+    _model_square,
+)
 
 __all__ = [
     "POSTERIOR_COLUMNS",
@@ -73,28 +78,7 @@ CONFUSION_COLUMNS = ("n_train", "criterion", "generator", "winner", "count")
 
 def _as_counts(counts: Any, order: list[str]) -> np.ndarray:
     """A k x k int64 confusion matrix in model order (rows = generator, columns = winner)."""
-    k = len(order)
-    if isinstance(counts, pd.DataFrame):
-        rows = [str(r) for r in counts.index]
-        cols = [str(c) for c in counts.columns]
-        if sorted(rows) != sorted(order) or sorted(cols) != sorted(order):
-            raise ValueError(
-                "counts must have the models as both index (generator) and columns (winner); "
-                f"got index {rows} and columns {cols} for models {order}"
-            )
-        frame = counts.copy()
-        frame.index = rows
-        frame.columns = cols
-        counts = frame.loc[order, order].to_numpy()
-    try:
-        arr = np.asarray(counts, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"counts must be a numeric matrix: {exc}") from exc
-    if arr.shape != (k, k):
-        raise ValueError(
-            f"counts must be a {k} x {k} matrix (generator x winner, {k} models), "
-            f"got shape {arr.shape}"
-        )
+    arr = _model_square(counts, order, "counts", "generator x winner")
     if not np.all(np.isfinite(arr)):
         raise ValueError("counts has non-finite values")
     if np.any(arr < 0):

@@ -40,6 +40,7 @@ from recovery_assets.core.recovery import (
     _check_columns,
     _check_model_order,
     _check_names,
+    _model_square,
     _tie_ranks,
 )
 
@@ -273,23 +274,7 @@ def nearest_neighbours(similarity: Any, models, tol: float = DEFAULT_TOL) -> pd.
     k = len(order)
     if k < 2:
         raise ValueError("nearest_neighbours needs at least two models")
-    if isinstance(similarity, pd.DataFrame):
-        rows = [str(r) for r in similarity.index]
-        cols = [str(c) for c in similarity.columns]
-        if sorted(rows) != sorted(order) or sorted(cols) != sorted(order):
-            raise ValueError(
-                "similarity must have the models as index and columns; got index "
-                f"{rows} and columns {cols} for models {order}"
-            )
-        frame = similarity.copy()
-        frame.index, frame.columns = rows, cols
-        similarity = frame.loc[order, order].to_numpy()
-    try:
-        sim = np.asarray(similarity, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"similarity must be a numeric matrix: {exc}") from exc
-    if sim.shape != (k, k):
-        raise ValueError(f"similarity must be {k} x {k} (models x models), got {sim.shape}")
+    sim = _model_square(similarity, order, "similarity", "models x models")
     off = ~np.eye(k, dtype=bool)
     if not np.all(np.isfinite(sim[off])):
         raise ValueError("similarity has non-finite off-diagonal values")

@@ -62,6 +62,30 @@ def _check_model_order(model_order) -> list[str]:
     return order
 
 
+def _model_square(a, order: list[str], what: str, axes: str) -> np.ndarray:
+    """A k x k float64 matrix over the models in ``order``: a DataFrame with the models as index
+    and columns (in any order; reordered by name), or an array already in model order. ``what``
+    names the argument in errors and ``axes`` says what its rows and columns are."""
+    k = len(order)
+    if isinstance(a, pd.DataFrame):
+        rows, cols = [str(r) for r in a.index], [str(c) for c in a.columns]
+        if sorted(rows) != sorted(order) or sorted(cols) != sorted(order):
+            raise ValueError(
+                f"{what} must have the models as index and columns ({axes}); got index "
+                f"{rows} and columns {cols} for models {order}"
+            )
+        frame = a.copy()
+        frame.index, frame.columns = rows, cols
+        a = frame.loc[order, order].to_numpy()
+    try:
+        arr = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a numeric matrix: {exc}") from exc
+    if arr.shape != (k, k):
+        raise ValueError(f"{what} must be a {k} x {k} matrix ({axes}), got shape {arr.shape}")
+    return arr
+
+
 def _check_columns(df: pd.DataFrame, columns, what: str) -> None:
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
