@@ -64,7 +64,7 @@ def load_npy(path: str | Path, option: str) -> np.ndarray:
 def validate_probe_inputs(X, T, A, paths: dict[str, str]) -> None:
     """Shapes, dtypes, ranges and finiteness of a probe problem, the messages naming the options
     and files (``check_probe_inputs``)."""
-    from recovery_assets.core.estimator import ProbeInputError, check_probe_inputs
+    from recovery_assets.core.probe.inputs import ProbeInputError, check_probe_inputs
 
     names = tuple(f"--{k} {paths[k]}" for k in ("features", "triplets", "answers"))
     try:
