@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 PRECOND_FLAT = 5.0
 # The proximal-gradient method (a non-smooth penalty) may take this many times ``max_iter``.
 PROX_ITER_FACTOR = 5
-# The symmetric phase of a reduced fit under the optimum rule (docs/exact-fit.md, "Symmetric
-# phase") runs until this relative change on two consecutive iterations; the fit then goes on in
-# the full r x r coordinates to its own stopping test. None: no symmetric phase.
+# The symmetric phase of a reduced fit (docs/exact-fit.md, "Symmetric phase") runs until this
+# relative change on two consecutive iterations, under either stopping rule; the fit then goes on
+# in the full r x r coordinates to the rule's own stopping test. None: no symmetric phase.
 SYMMETRIC_PHASE_TOL: float | None = 1e-5
 
 
@@ -304,7 +304,7 @@ def _fit_context(
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
         first = None
         tol = SYMMETRIC_PHASE_TOL
-        if obj.symmetric is not None and paper is None and tol is not None and rel_tol < tol:
+        if obj.symmetric is not None and tol is not None and (paper is not None or rel_tol < tol):
             split_y, to_x, from_x = obj.symmetric
             first = optim.lbfgs(
                 split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=tol,
