@@ -34,7 +34,9 @@ The package, by concept:
 - ``objective``: the batched objective, the scale search and one batch's fit (docs/exact-fit.md,
   "The optimiser");
 - ``batching``: ``fit_probes`` and ``FitProblem``: preparing, packing and running the batches;
-- ``fitted``: ``FittedProbe``, ``probe_metrics`` and ``probe_objective``.
+- ``fitted``: ``FittedProbe``, ``probe_metrics`` and ``probe_objective``;
+- ``inputs``: ``check_probe_inputs``, the checks of one problem's arrays (pure numpy: ``recovery
+  fit-probe`` validates without importing scikit-learn).
 
 The tuning constants are re-exported here. Each is read at call time from the module that
 defines and uses it, so change one (tests, benchmarks) there, e.g.
