@@ -55,6 +55,7 @@ from problems import (  # noqa: E402
 )
 from reference import reference_fit  # noqa: E402
 
+from recovery_assets.core.optim import STOP_RULES  # noqa: E402
 from recovery_assets.core.probe import (  # noqa: E402
     FitProblem,
     ProbeSpec,
@@ -207,6 +208,9 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     args = ap.parse_args()
+    bad = [rule for rule in args.rules.split(",") if rule not in STOP_RULES]
+    if bad:
+        ap.error(f"--rules: unknown stopping rule(s) {bad}; expected {', '.join(STOP_RULES)}")
     global N_CONCEPTS, SINGLE_P, SINGLE_N, JOB_P, JOB_N, GENERATOR_P
     if args.quick:
         N_CONCEPTS, SINGLE_P, SINGLE_N = 300, (64, 128), 2000
