@@ -80,7 +80,7 @@ def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
     """Under the paper rule the fit also starts with the symmetric phase (its own 1e-5 test, no
     paper rule), then the column phase stops by the paper rule; both count. Like the one-phase
     paper fit, it ends a little above the optimum (the rule stops at the first run that gains
-    less than 1e-7 relative; a fresh history's first steps gain little), within 1e-5."""
+    less than 1e-7 relative; a fresh history's first steps gain little), here within 1e-5."""
     d = make_problem(8, p=16, n_train=10, n_trip=200)
     spec = ProbeSpec.parse("full", "shrinkage")
     calls = []
