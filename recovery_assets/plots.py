@@ -15,6 +15,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _finish_heatmap(fig, ax, im, ticks, labels, title, path, colorbar=None) -> Path:
+    """Tick labels (x, y), axis labels (x, y), title and colour bar of a models x models heatmap,
+    then save it."""
+    (xt, yt), (xl, yl) = ticks, labels
+    ax.set_xticks(range(len(xt)), xt, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(yt)), yt, fontsize=8)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, **({"label": colorbar} if colorbar else {}))
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -63,13 +76,7 @@ def confusion_heatmap(confusion: pd.DataFrame, order: list[str], title: str, pat
     for i in range(len(order)):
         for j in range(len(order)):
             ax.text(j, i, f"{int(mat[i, j])}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(order)), order, fontsize=8)
-    ax.set_xlabel("winner")
-    ax.set_ylabel("generator")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return _finish_heatmap(fig, ax, im, (order, order), ("winner", "generator"), title, path)
 
 
 def human_vs_recovery(df: pd.DataFrame, path: Path) -> Path:
@@ -112,13 +119,10 @@ def identifiability_heatmap(
             color = "white" if mat[i, j] > 0.6 else "black"
             ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
     labels = [f"{m} (human winner)" if m == human else m for m in order]
-    ax.set_xticks(range(k), order, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), labels, fontsize=8)
-    ax.set_xlabel("generator (the true model)")
-    ax.set_ylabel("winner")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="P(generator | winner)")
-    return _save(fig, path)
+    axes = ("generator (the true model)", "winner")
+    return _finish_heatmap(
+        fig, ax, im, (order, labels), axes, title, path, colorbar="P(generator | winner)"
+    )
 
 
 def open_set_heatmap(
@@ -146,13 +150,11 @@ def open_set_heatmap(
         ax.add_patch(
             plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2)
         )
-    ax.set_xticks(range(k), order, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), order, fontsize=8)
-    ax.set_xlabel("open-set winner (outlined: the generator's nearest neighbour)")
-    ax.set_ylabel("generator (not a candidate)")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    axes = (
+        "open-set winner (outlined: the generator's nearest neighbour)",
+        "generator (not a candidate)",
+    )
+    return _finish_heatmap(fig, ax, im, (order, order), axes, title, path)
 
 
 def accuracy_tradeoff(points: pd.DataFrame, path: Path) -> Path:
