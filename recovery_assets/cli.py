@@ -296,7 +296,12 @@ def study_cmd(
         _fail(
             "study", f"--dask-scheduler {dask_scheduler}: expected an address like tcp://host:8786"
         )
-    ensure_home()
+    from recovery_assets.storage import DiskFullError
+
+    try:  # the instance's dagster.yaml is written like any other file: a full disk is one line
+        ensure_home()
+    except DiskFullError as exc:
+        _fail("study", str(exc))
     # the terminal gets one line per step; the runs' full logs are in the instance (make ui), and
     # a failure is reported below in one line
     logging.getLogger("dagster").setLevel(logging.CRITICAL)
