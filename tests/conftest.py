@@ -67,13 +67,14 @@ def study(tiny_run):
     return load_study(tiny_run.study_path)
 
 
-def query(db: Path, sql: str):
-    """One read-only query of a study's DuckDB file, as a DataFrame."""
+def query(db: Path, sql: str, rows: bool = False):
+    """One read-only query of a study's DuckDB file, as a DataFrame (``rows``: a list of tuples)."""
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)
     try:
-        return con.execute(sql).fetchdf()
+        result = con.execute(sql)
+        return result.fetchall() if rows else result.fetchdf()
     finally:
         con.close()
 

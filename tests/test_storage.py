@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import query as conftest_query
 
 from recovery_assets import storage
 from recovery_assets.storage import DATA_ENV, Store, data_root
@@ -163,11 +164,8 @@ def test_save_npy(tmp_path):
 
 
 def query(db: Path, sql: str):
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
+    """The rows of one read-only query (conftest's helper, as tuples)."""
+    return conftest_query(db, sql, rows=True)
 
 
 def test_rebuild_views_sees_every_partition(tmp_path):
@@ -389,25 +387,28 @@ def test_a_full_disk_keeps_the_previous_version(tmp_path, monkeypatch):
     assert query(store.db_path, "SELECT count(*) FROM fits") == [(3,)]  # still answers
 
 
-def test_a_full_disk_in_a_step_is_one_line_from_recovery_study(tmp_path):
-    """The CLI reports a full disk met by a step as one line (exit 2), no traceback."""
+@pytest.mark.parametrize("met_by", ["a step", "the instance's dagster.yaml"])
+def test_a_full_disk_is_one_line_from_recovery_study(tmp_path, monkeypatch, met_by):
+    """The CLI reports a full disk as one line (exit 2), no traceback: met by a step (the instance
+    exists already) or by the instance's own dagster.yaml (a new home)."""
     from click.testing import CliRunner
 
-    from recovery_assets import cli
+    from recovery_assets import cli, instance
 
     def full(target, write):
         raise storage.DiskFullError(28, f"{target}: the disk is full (injected)")
 
-    runner = CliRunner()
-    env = {"DAGSTER_HOME": str(tmp_path / "home"), "RECOVERY_DATA": str(tmp_path / "data")}
-    original = storage.atomic_write
-    storage.atomic_write = full
-    try:
-        res = runner.invoke(cli.main, ["study", "--study", "tiny"], env=env)
-    finally:
-        storage.atomic_write = original
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    if met_by == "a step":
+        instance.ensure_home()
+    monkeypatch.setattr(storage, "atomic_write", full)
+    monkeypatch.setattr(instance, "atomic_write", full)
+    env = {"DAGSTER_HOME": str(home), "RECOVERY_DATA": str(tmp_path / "data")}
+    res = CliRunner().invoke(cli.main, ["study", "--study", "tiny"], env=env)
     assert res.exit_code == 2, res.output
     assert "the disk is full (injected)" in res.stderr and "Traceback" not in res.stderr
+    assert ("dagster.yaml" in res.stderr) == (met_by != "a step")
 
 
 @pytest.fixture
