@@ -75,7 +75,7 @@ def validate_probe_inputs(X, T, A, paths: dict[str, str]) -> None:
 
 def save_npy_atomic(path: str, array: np.ndarray) -> None:
     """Write an .npy file so that it either appears whole or not at all."""
-    from recovery_assets.storage import atomic_write
+    from recovery_assets.atomic import atomic_write  # not storage: no DuckDB/pandas import
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:

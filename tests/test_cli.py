@@ -320,9 +320,11 @@ def test_fit_probe_stopping_rules(tmp_path, monkeypatch):
     assert not (tmp_path / "bad.npy").exists()
 
 
-def test_fit_probe_does_not_import_scikit_learn(tmp_path):
+def test_fit_probe_imports_neither_scikit_learn_nor_the_storage_layer(tmp_path):
     """A whole fit-probe process validates, fits and writes without scikit-learn (its import
-    alone takes about a second of every process); the estimator keeps the same checks."""
+    alone takes about a second of every process; the estimator keeps the same checks) and
+    without the storage layer's DuckDB and pandas (another 1.2 s: W is written by
+    ``recovery_assets.atomic``)."""
     paths = make_inputs(tmp_path, seed=2)
     code = (
         "import sys\n"
@@ -330,7 +332,8 @@ def test_fit_probe_does_not_import_scikit_learn(tmp_path):
         "from recovery_assets.cli import main\n"
         f"res = CliRunner().invoke(main, {args_for(paths, tmp_path / 'W.npy')!r})\n"
         "assert res.exit_code == 0, res.output\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))\n"
+        "heavy = ('sklearn', 'duckdb', 'pandas', 'recovery_assets.storage')\n"
+        "print(sorted(m for m in sys.modules if m in heavy or m.split('.')[0] in heavy))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
