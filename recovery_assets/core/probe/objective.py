@@ -206,9 +206,15 @@ def _objective(
 
 def _symmetric(split: optim.Split, Dg, Dinv, sel, q: int, B: int):
     """The reduced objective over symmetric A, preconditioned on both sides (docs/exact-fit.md,
-    "Symmetric phase"): A = D^-1 sym(y) D^-1 with sym(y) = (y + y^T) / 2, i.e. the column
-    coordinates x = A D = D^-1 sym(y). Returns the split objective in y and the maps y -> x
-    and x -> y (the latter for symmetric A: y = D x)."""
+    "Symmetric phase"): A = D^-1 y D^-1 for symmetric y, i.e. the column coordinates
+    x = A D = D^-1 y. Returns the split objective in y and the maps y -> x and x -> y (the
+    latter for symmetric A: y = D x).
+
+    The gradient in y is projected onto the symmetric matrices, sym(D^-1 g_x) with
+    sym(a) = (a + a^T) / 2, so every L-BFGS iterate (a symmetric start plus combinations of
+    symmetric gradients and steps) stays symmetric and ``to_x`` need not symmetrise it again:
+    one transpose per iteration instead of four.
+    """
 
     def rows(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return a.reshape(-1, q, q) * scale[:, :, None]
@@ -217,9 +223,9 @@ def _symmetric(split: optim.Split, Dg, Dinv, sel, q: int, B: int):
         return (a + a.transpose(1, 2)).mul_(0.5)
 
     def to_x(y, idx):
-        return rows(sym(y.reshape(-1, q, q)), sel(Dinv, idx)).reshape(y.shape[0], -1)
+        return rows(y, sel(Dinv, idx)).reshape(y.shape[0], -1)
 
-    def adjoint(g, idx):  # the gradient in y of f(x(y)) from the gradient g in x
+    def adjoint(g, idx):  # the gradient in y of f(x(y)), projected onto symmetric y
         return sym(rows(g, sel(Dinv, idx))).reshape(g.shape[0], -1)
 
     def from_x(x):
