@@ -4,6 +4,8 @@ stopping rule."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_probe import make_problem, naive_fit, problem_of, rel
@@ -18,6 +20,24 @@ def _fit(d, spec, monkeypatch, tol, **kw):
     monkeypatch.setattr(objective, "SYMMETRIC_PHASE_TOL", tol)
     kw = {"dtype": F64, "rel_tol": 1e-12, "max_iter": 3000, **kw}
     return fit_probes([problem_of(d, LAMS)], spec, device="cpu", **kw)[0]
+
+
+def _record_lbfgs(monkeypatch) -> list:
+    """Record (keyword arguments, result) of every optim.lbfgs call the fits make; the result is
+    a copy (the fit adds the first phase's counts to the second's in place)."""
+    calls = []
+    original = objective.optim.lbfgs
+
+    def recording(*args, **kw):
+        res = original(*args, **kw)
+        kept = dataclasses.replace(
+            res, iterations=res.iterations.clone(), evaluations=res.evaluations.clone()
+        )
+        calls.append((kw, kept))
+        return res
+
+    monkeypatch.setattr(objective.optim, "lbfgs", recording)
+    return calls
 
 
 def _similarity(fit, X):
@@ -46,20 +66,14 @@ def test_two_phases_reach_the_one_phase_optimum(monkeypatch, penalty):
 def test_the_symmetric_optimum_is_symmetric_and_both_phases_count(monkeypatch):
     d = make_problem(6, p=16, n_train=10, n_trip=200)
     spec = ProbeSpec.parse("full", "shrinkage")
-    calls = []
-    original = objective.optim.lbfgs
-
-    def recording(*args, **kw):
-        res = original(*args, **kw)
-        calls.append((kw.get("rel_tol"), res.iterations.clone(), res.evaluations.clone()))
-        return res
-
-    monkeypatch.setattr(objective.optim, "lbfgs", recording)
+    calls = _record_lbfgs(monkeypatch)
     fits = _fit(d, spec, monkeypatch, 1e-5)
-    assert [c[0] for c in calls] == [1e-5, 1e-12]  # the symmetric phase, then the full one
+    # the symmetric phase, then the full one
+    assert [kw.get("rel_tol") for kw, _ in calls] == [1e-5, 1e-12]
+    (_, sym), (_, full) = calls
     for b, fit in enumerate(fits):
-        assert fit.iterations == int(calls[0][1][b] + calls[1][1][b])
-        assert fit.evaluations == int(calls[0][2][b] + calls[1][2][b])
+        assert fit.iterations == int(sym.iterations[b] + full.iterations[b])
+        assert fit.evaluations == int(sym.evaluations[b] + full.evaluations[b])
         # the optimum over all A is symmetric (the polar factor is never worse)
         A = fit.A
         assert float((A - A.T).norm() / A.norm()) < 1e-4
@@ -71,18 +85,11 @@ def test_the_symmetric_phase_keeps_its_iterates_symmetric(monkeypatch, dtype):
     keeps every iterate symmetric (to rounding), so that map is the objective over symmetric A."""
     d = make_problem(8, p=16, n_train=10, n_trip=200)
     spec = ProbeSpec.parse("full", "shrinkage")
-    phase = []
-    original = objective.optim.lbfgs
-
-    def recording(*args, **kw):
-        res = original(*args, **kw)
-        phase.append(res.x.clone())
-        return res
-
-    monkeypatch.setattr(objective.optim, "lbfgs", recording)
+    calls = _record_lbfgs(monkeypatch)
     _fit(d, spec, monkeypatch, 1e-5, dtype=dtype, rel_tol=1e-9)
-    q = int(phase[0].shape[1] ** 0.5)
-    y = phase[0].reshape(-1, q, q).to(F64)
+    x = calls[0][1].x  # the symmetric phase's result, in its coordinates y
+    q = int(x.shape[1] ** 0.5)
+    y = x.reshape(-1, q, q).to(F64)
     assert float(y.norm()) > 0 and float((y - torch.eye(q, dtype=F64) * y).norm()) > 0
     asym = (y - y.transpose(1, 2)).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1)
     assert float(asym.max()) < (1e-13 if dtype == torch.float64 else 1e-6)
@@ -106,21 +113,14 @@ def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
     less than 1e-7 relative; a fresh history's first steps gain little), here within 1e-5."""
     d = make_problem(8, p=16, n_train=10, n_trip=200)
     spec = ProbeSpec.parse("full", "shrinkage")
-    calls = []
-    original = objective.optim.lbfgs
-
-    def recording(*args, **kw):
-        res = original(*args, **kw)
-        calls.append((kw.get("rel_tol"), kw.get("paper"), res.iterations.clone()))
-        return res
-
-    monkeypatch.setattr(objective.optim, "lbfgs", recording)
+    calls = _record_lbfgs(monkeypatch)
     with_phase = _fit(d, spec, monkeypatch, 1e-5, stop="paper")
-    assert [(c[0], c[1] is None) for c in calls] == [(1e-5, True), (1e-12, False)]
-    phase_iterations = calls[0][2]
+    phases = [(kw.get("rel_tol"), kw.get("paper") is None) for kw, _ in calls]
+    assert phases == [(1e-5, True), (1e-12, False)]
+    phase_iterations = calls[0][1].iterations
     calls.clear()
     without = _fit(d, spec, monkeypatch, None, stop="paper")
-    assert len(calls) == 1 and calls[0][1] is not None
+    assert len(calls) == 1 and calls[0][0].get("paper") is not None
     best = _fit(d, spec, monkeypatch, None)  # the optimum rule at rel_tol 1e-12: the optimum
     for b, (a, o, m) in enumerate(zip(with_phase, without, best, strict=True)):
         assert a.converged and o.converged
