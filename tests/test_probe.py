@@ -317,23 +317,23 @@ def test_objective_and_gradient_match_autograd(family, penalty, reduced):
             assert rel(float(f0[b]) + lam * drop, float(f_eye)) < 1e-12
     for b, lam in enumerate(lams):
         xb = x[b].clone().requires_grad_(True)
-        W = W_of_x(xb, obj.x0[0], spec, ctx, p)
+        W = W_of_x(xb, obj.x0[b], spec, ctx, p)
         val = naive_objective(W, d, lam, spec.family, penalty, P, smooth_only=smooth_only)
         (auto,) = torch.autograd.grad(val, xb)
         val = val.detach()
         assert rel(float(f[b]), float(val)) < 1e-11, (float(f[b]), float(val))
         torch.testing.assert_close(grad[b], auto, atol=1e-10, rtol=1e-8)
         # unpack gives the family's parameter, consistent with W(x)
-        par = obj.unpack(x[b])
+        par = obj.unpack(x[b], b)
         if spec.family == "diagonal":
             torch.testing.assert_close(torch.diag(par), W.detach())
         elif spec.family == "rank":
             torch.testing.assert_close(par, W.detach())
         elif one(ctx.V) is None:  # full / pca in their own coordinates
             torch.testing.assert_close(par @ P.T if P is not None else par, W.detach())
-        else:  # reduced: A = x / D column-wise, D = diag(x0)
+        else:  # reduced: A = x / D column-wise, D = diag(x0) (the fit's own)
             q = ctx.X.shape[-1]
-            D = torch.diagonal(obj.x0[0].reshape(q, q))
+            D = torch.diagonal(obj.x0[b].reshape(q, q))
             torch.testing.assert_close(par, x[b].reshape(q, q) / D)
         # the public plain objective agrees at the same W
         lam_pub = 0.0 if smooth_only else lam
@@ -698,3 +698,26 @@ def test_device_argument():
     _, f_ref = naive_fit(d, 0.05, "full", "shrinkage")
     assert rel(cpu.objective, f_ref) < 1e-7
     assert rel(auto.objective, f_ref) < 1e-5
+
+
+def test_the_column_preconditioner_grows_with_lambda_per_fit():
+    """D_e^2 = sigma_e^2 + precond_flat(lambda) mean(sigma^2), for each fit of a batch: the flat
+    part is PRECOND_FLAT up to PRECOND_LAMBDA and grows as sqrt(lambda) above it."""
+    om = probe.objective
+    assert om.precond_flat(om.PRECOND_LAMBDA / 100) == om.PRECOND_FLAT
+    assert om.precond_flat(om.PRECOND_LAMBDA * 100) == pytest.approx(10 * om.PRECOND_FLAT)
+    d = make_problem(12, p=20, n_train=12)
+    spec = ProbeSpec.parse("full", "shrinkage")
+    lams = [1e-6, 1e-2, 1.0]
+    ctx = probe.batching._prepare(problem_of(d, lams), spec, "cpu", F64, True)
+    obj = om._objective(ctx, spec, lams)
+    q, r = ctx.X.shape[-1], ctx.r[0]
+    sig2 = (ctx.X[0] ** 2).sum(0)[:r]
+    mean = sig2.sum() / r
+    flats = []
+    for b, lam in enumerate(lams):
+        D2 = torch.diagonal(obj.x0[b].reshape(q, q))[:r] ** 2
+        flat = (D2 - sig2) / mean
+        torch.testing.assert_close(flat, torch.full_like(flat, om.precond_flat(lam)))
+        flats.append(float(flat[0]))
+    assert flats[0] < flats[1] < flats[2]

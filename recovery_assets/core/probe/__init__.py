@@ -70,7 +70,7 @@ from recovery_assets.core.probe.data_term import (
 )
 from recovery_assets.core.probe.fitted import FittedProbe, probe_metrics, probe_objective
 from recovery_assets.core.probe.kernels import LOOP_MM_MIN, TRI_ROWS
-from recovery_assets.core.probe.objective import PRECOND_FLAT
+from recovery_assets.core.probe.objective import PRECOND_FLAT, PRECOND_LAMBDA
 from recovery_assets.core.probe.penalties import PENALTY, Penalty
 from recovery_assets.core.probe.reduction import (
     PAD_MIN,
@@ -91,6 +91,7 @@ __all__ = [
     "PENALTIES",
     "PENALTY",
     "PRECOND_FLAT",
+    "PRECOND_LAMBDA",
     "SPARSE_DEVICES",
     "SPARSE_RATIO",
     "TRI_MIN",
@@ -129,6 +130,7 @@ _HOMES = {
     "PENALTIES": spec,
     "PENALTY": penalties,
     "PRECOND_FLAT": objective,
+    "PRECOND_LAMBDA": objective,
     "SPARSE_DEVICES": data_term,
     "SPARSE_RATIO": data_term,
     "TRI_MIN": reduction,

@@ -36,11 +36,10 @@ from recovery_assets.core.probe.spec import ProbeSpec
 if TYPE_CHECKING:
     from recovery_assets.core.probe.batching import _Context
 
-# The flat part of the column preconditioner of a reduced problem: D_e^2 = sigma_e^2 / mean + FLAT
-# (``_objective``). Measured on the benchmark's recovery job (4 candidates x 11 lambdas x 3 folds):
-# 5 takes 6% fewer L-BFGS iterations than 3 on its r = 865 problems (3,480 against 3,700) and 1%
-# more at r = 512; 1 and 0.3 take 13-49% more, 10 and 30 more at small lambda (fewer at large).
-PRECOND_FLAT = 5.0
+# The flat part of the column preconditioner of a reduced problem: D_e^2 = sigma_e^2 / mean +
+# precond_flat(lambda) (``_objective``), PRECOND_FLAT times max(1, sqrt(lambda / PRECOND_LAMBDA)).
+PRECOND_FLAT = 2.0
+PRECOND_LAMBDA = 1e-4
 # The proximal-gradient method (a non-smooth penalty) may take this many times ``max_iter``.
 PROX_ITER_FACTOR = 5
 # ... and its optimum-rule change test is rel_tol times this: a first-order method gains far less
@@ -52,6 +51,12 @@ PROX_TOL_FACTOR = 0.01
 # relative change on two consecutive iterations, under either stopping rule; the fit then goes on
 # in the full r x r coordinates to the rule's own stopping test. None: no symmetric phase.
 SYMMETRIC_PHASE_TOL: float | None = 1e-5
+
+
+def precond_flat(lam: float) -> float:
+    """The flat part of the column preconditioner for a fit at ``lam`` (docs/exact-fit.md,
+    "Preconditioning"): PRECOND_FLAT up to PRECOND_LAMBDA, growing as sqrt(lambda) above it."""
+    return PRECOND_FLAT * max(1.0, (lam / PRECOND_LAMBDA) ** 0.5)
 
 
 @dataclass
@@ -91,13 +96,13 @@ def _objective(
     if family == "diagonal":
         shape = (q,)
         x0 = torch.ones(B, q, dtype=dt, device=dev)
-        Dg = torch.ones(G, q, dtype=dt, device=dev)
+        D = None
 
-        def model(x, Xs):
-            return Xs * x[:, None, :]
+        def model(x, idx):
+            return sel(Xg, idx) * x[:, None, :]
 
-        def back(dZ, x, Xs):
-            return (dZ * Xs).sum(1)
+        def back(dZ, x, idx):
+            return (dZ * sel(Xg, idx)).sum(1)
 
         def pen(x, idx, grad=True):
             return P.diagonal(x)
@@ -106,45 +111,58 @@ def _objective(
         rows = spec.k if family == "rank" else q
         shape = (rows, q)
         # Column preconditioning of the reduced problem: A' = A D with D_e^2 = sigma_e^2 /
-        # mean(sigma^2) + PRECOND_FLAT, sigma_e the norm of the e-th training coordinate. The data
-        # term's curvature grows with sigma_e^2 and the penalty's is flat; this change of
-        # variables balances them (an exact reparametrisation: same objective, same optimum, far
-        # fewer L-BFGS iterations). Own-coordinate fits keep D = 1.
+        # mean(sigma^2) + flat(lambda) (``precond_flat``), sigma_e the norm of the e-th training
+        # coordinate. The data term's curvature grows with sigma_e^2 and the penalty's is flat;
+        # this change of variables balances them (an exact reparametrisation: same objective,
+        # same optimum, far fewer L-BFGS iterations). The penalty's share grows with lambda, so
+        # the flat part does too: D is per fit, applied to the parameters (x D^-1) so that the
+        # fits of one problem share its features. Own-coordinate fits keep D = 1.
         # Padded coordinates (merged problems of smaller r) have mask 0: they start at 0, get
         # zero gradient from the data and are excluded from the penalty's identity and trace.
         r = torch.tensor(ctx.r, dtype=dt, device=dev)  # (G,) true fitting dimension
         mask = (torch.arange(q, device=dev)[None, :] < r[:, None]).to(dt)  # (G, q)
         if ctx.V[0] is not None:
-            sig2 = (Xg.to(torch.float64) ** 2).sum(1)
-            mean = sig2.sum(-1, keepdim=True) / r[:, None].to(torch.float64)
-            Dg = torch.sqrt(sig2 + PRECOND_FLAT * mean).clamp_min(1e-30).to(dt)
+            sig2 = (Xg.to(torch.float64) ** 2).sum(1)[gidx]  # (B, q)
+            mean = sig2.sum(-1, keepdim=True) / r[gidx, None].to(torch.float64)
+            flat = torch.tensor([precond_flat(v) for v in lams], dtype=torch.float64, device=dev)
+            D = torch.sqrt(sig2 + flat[:, None] * mean).clamp_min(1e-30).to(dt)  # (B, q)
+            Dinv = 1.0 / D  # products, not quotients, in the iteration (division is slow)
         else:
-            Dg = torch.ones(G, q, dtype=dt, device=dev)
-        Xg = Xg / Dg[:, None, :]
-        Dinv = 1.0 / Dg  # products, not quotients, in the iteration (division is slow)
+            D = Dinv = None
         eye_kq = torch.eye(rows, q, dtype=dt, device=dev)  # eye(k, p) for rank:k, any k
-        x0 = (eye_kq.unsqueeze(0) * (Dg * mask)[:, None, :]).reshape(G, -1)[gidx].clone()
+        x0 = eye_kq.unsqueeze(0) * mask[gidx][:, None, :]  # (B, rows, q)
+        if D is not None:
+            x0.mul_(D[:, None, :])
+        x0 = x0.reshape(B, -1)
         p_raw = ctx.p[0]
 
         lead = ctx.lead if G == 1 else None
 
-        def model(x, Xs):
-            return _image(Xs, x.reshape(-1, *shape), lead)
+        def params(x, idx):
+            """The parameters x D^-1 (a fresh tensor) in problem coordinates."""
+            M = x.reshape(-1, *shape)
+            return M.clone() if D is None else M * Dinv[idx][:, None, :]
 
-        def back(dZ, x, Xs):
-            return _back(dZ, Xs, lead).reshape(x.shape[0], -1)
+        def model(x, idx):
+            M = x.reshape(-1, *shape) if D is None else params(x, idx)
+            return _image(sel(Xg, idx), M, lead)
+
+        def back(dZ, x, idx):
+            g = _back(dZ, sel(Xg, idx), lead)
+            if D is not None:
+                g.mul_(Dinv[idx][:, None, :])
+            return g.reshape(x.shape[0], -1)
 
         if penalised:  # its true dimension: r when reduced (padding excluded), else p (or k)
             term = P.matrix(family, p_raw, lambda idx: sel(r, idx), lambda idx: sel(mask, idx))
 
         def pen(x, idx, grad=True):
             """R at x and its gradient with respect to x (None unless ``grad``)."""
-            Di = sel(Dinv, idx)[:, None, :]
-            M = x.reshape(-1, *shape) * Di  # a fresh tensor
-            v, g = term(M, idx)
+            v, g = term(params(x, idx), idx)
             if not grad:
                 return v, None
-            return v, g.mul_(2 * Di).reshape(x.shape[0], -1)
+            g = g.mul_(2) if D is None else g.mul_(2 * Dinv[idx][:, None, :])
+            return v, g.reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group (None: dense; data_term._sparse_patterns),
     # block-diagonal per set of active fits
@@ -174,13 +192,13 @@ def _objective(
 
     def gradient(Z, x, gl, idx):
         dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx))
-        g = back(dZ, x, sel(Xg, idx))
+        g = back(dZ, x, idx)
         if penalised:
             _, gp = pen(x, idx)
             g = g.addcmul_(lam[idx, None], gp)
         return g
 
-    split = optim.Split(lambda x, idx: model(x, sel(Xg, idx)), value, gradient)
+    split = optim.Split(model, value, gradient)
 
     def smooth(x, idx):
         Z = split.image(x, idx)
@@ -191,25 +209,25 @@ def _objective(
         if family == "diagonal":
             return xb.clone()
         g = int(gidx[b])
-        out = xb.reshape(shape) / Dg[g]
+        out = xb.reshape(shape) if D is None else xb.reshape(shape) / D[b]
         if ctx.V[g] is not None:  # reduced: drop the padding coordinates
             out = out[: ctx.r[g], : ctx.r[g]]
         return out.clone()
 
     def start():
         every = torch.arange(B, device=dev)
-        Z = model(x0, sel(Xg, every))
+        Z = model(x0, every)
         L0 = _triplet_logits(Z, sel(ctx.pidx, every), block(every))
         v0 = pen(x0, every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
     symmetric = None
     if family in ("full", "pca") and ctx.V[0] is not None and penalised and P.rotation_invariant:
-        symmetric = _symmetric(split, Dg, Dinv, sel, q, B)
+        symmetric = _symmetric(split, D, Dinv, q, B)
     return _Objective(smooth, split, x0, lam, unpack, shape, start, symmetric)
 
 
-def _symmetric(split: optim.Split, Dg, Dinv, sel, q: int, B: int):
+def _symmetric(split: optim.Split, D, Dinv, q: int, B: int):
     """The reduced objective over symmetric A, preconditioned on both sides (docs/exact-fit.md,
     "Symmetric phase"): A = D^-1 y D^-1 for symmetric y, i.e. the column coordinates
     x = A D = D^-1 y. Returns the split objective in y and the maps y -> x and x -> y (the
@@ -228,13 +246,13 @@ def _symmetric(split: optim.Split, Dg, Dinv, sel, q: int, B: int):
         return (a + a.transpose(1, 2)).mul_(0.5)
 
     def to_x(y, idx):
-        return rows(y, sel(Dinv, idx)).reshape(y.shape[0], -1)
+        return rows(y, Dinv[idx]).reshape(y.shape[0], -1)
 
     def adjoint(g, idx):  # the gradient in y of f(x(y)), projected onto symmetric y
-        return sym(rows(g, sel(Dinv, idx))).reshape(g.shape[0], -1)
+        return sym(rows(g, Dinv[idx])).reshape(g.shape[0], -1)
 
     def from_x(x):
-        return rows(x, sel(Dg, torch.arange(B, device=x.device))).reshape(B, -1)
+        return rows(x, D).reshape(B, -1)
 
     split_y = optim.Split(
         lambda y, idx: split.image(to_x(y, idx), idx),

@@ -80,9 +80,9 @@ def _triangular_tail(V: torch.Tensor, C: torch.Tensor):
     are. The rest, C_t, is replaced by C_t Q = R^T from the QR decomposition C_t^T = Q R, so its
     column j is exactly zero on the first j concepts. Q is orthogonal, so this is the same fit in
     other coordinates; the column preconditioner of ``objective._objective`` is then nearly
-    constant on the rotated block (its scale is sqrt(sigma^2 / mean + objective.PRECOND_FLAT) with
-    sigma^2 <= mean), which is why the iterations stay the same (a fully triangular basis costs
-    about 38% more of them).
+    constant on the rotated block (its scale is sqrt(sigma^2 / mean + flat), flat =
+    ``objective.precond_flat(lambda)``, with sigma^2 <= mean), which is why the iterations stay
+    the same (a fully triangular basis costs about 38% more of them).
     """
     s2 = (C * C).sum(0)
     lead = int((s2 > s2.mean()).sum())
