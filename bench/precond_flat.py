@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import probe_speed as ps  # noqa: E402
-from bench.problems import make_generator  # noqa: E402
 from recovery_assets.core.probe import objective  # noqa: E402
 
 
@@ -49,13 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:  # probe_speed's --quick job: 300 concepts, p = 16 ... 64, N = 800
         ps.N_CONCEPTS, ps.JOB_P, ps.JOB_N, ps.GENERATOR_P = 300, (16, 32, 48, 64), 800, 64
-    gen = make_generator(ps.N_CONCEPTS, ps.GENERATOR_P, args.exponent, 20_000)
-    data = []
-    for f, fold in enumerate(ps.concept_folds(ps.N_CONCEPTS, 1)[: args.folds]):
-        trip = ps.sample_unique_triplets(fold.train, ps.JOB_N, 100 + f)
-        data.append((trip, gen.answers(trip, 100 + f)))
-    feats = {p: gen.candidate(p, p) for p in ps.JOB_P}
-    problems = [ps.FitProblem(feats[p], t, a, ps.LAMS) for (t, a) in data for p in ps.JOB_P]
+    problems = ps.job_problems(None, args.exponent, folds=args.folds)
     n_fits = len(problems) * len(ps.LAMS)
     print(f"the realistic job: {n_fits} fits, exponent {args.exponent}, optimum rule", flush=True)
 

@@ -105,6 +105,26 @@ def single(p: int, latent, device: str, exponent: float | None = None) -> dict:
     return dict(p=p, t_ours=t_ours, t_ref=t_ref, o_ours=o_ours, o_ref=o_ref)
 
 
+def job_problems(latent, exponent: float | None, folds: int = 3) -> list:
+    """The job's problems, fold by fold, candidate by candidate (``JOB_P``), each with all
+    ``LAMS``: the first ``folds`` folds of ``concept_folds``, ``JOB_N`` training triplets each;
+    ``latent`` None: realistic candidates (power law, ``exponent``) answered by one calibrated
+    power-law generator (p = ``GENERATOR_P``), else latent-code ones."""
+    gen = None
+    if latent is None:
+        gen = make_generator(N_CONCEPTS, GENERATOR_P, exponent, 20_000)
+    data = []
+    for f, fold in enumerate(concept_folds(N_CONCEPTS, 1)[:folds]):
+        trip = sample_unique_triplets(fold.train, JOB_N, 100 + f)
+        ans = choices(latent, trip, 100 + f) if gen is None else gen.answers(trip, 100 + f)
+        data.append((trip, ans))
+    if gen is None:
+        feats = {p: features(latent, p, p) for p in JOB_P}
+    else:
+        feats = {p: gen.candidate(p, p) for p in JOB_P}
+    return [FitProblem(feats[p], t, a, LAMS) for (t, a) in data for p in JOB_P]
+
+
 def job(
     latent,
     device: str,
@@ -118,20 +138,7 @@ def job(
     None: realistic candidates (power law, ``exponent``) and answers sampled from one calibrated
     power-law generator (p = ``GENERATOR_P``). Per rule: seconds, iterations, worst gap."""
     dims = list(JOB_P)
-    folds = concept_folds(N_CONCEPTS, 1)
-    gen = None
-    if latent is None:
-        gen = make_generator(N_CONCEPTS, GENERATOR_P, exponent, 20_000)
-    data = []
-    for f, fold in enumerate(folds):
-        trip = sample_unique_triplets(fold.train, JOB_N, 100 + f)
-        ans = choices(latent, trip, 100 + f) if gen is None else gen.answers(trip, 100 + f)
-        data.append((trip, ans))
-    if gen is None:
-        feats = {p: features(latent, p, p) for p in dims}
-    else:
-        feats = {p: gen.candidate(p, p) for p in dims}
-    problems = [FitProblem(feats[p], t, a, LAMS) for (t, a) in data for p in dims]
+    problems = job_problems(latent, exponent)
     t_ours, iterations, Ws = {}, {}, {}
     for rule in rules:
         _sync(device)
