@@ -64,6 +64,28 @@ def test_reports_at_the_interval_with_done_rate_and_eta():
     assert "10/10 fits done" in lines[4] and lines[4].endswith("ETA 0s")
 
 
+def test_finished_units_of_a_running_piece_count_as_done():
+    clock, lines = Clock(), []
+    p = Progress(10, lines.append, every_s=0, label="fitting", clock=clock)
+    clock.t += 10
+    p.running("batch", 7.5, steps=5, finished=7)  # 7 of its 10 fits stopped, 3 still running
+    assert lines[-1].startswith("fitting: 7/10 fits done"), lines[-1]
+    p.advance(10, running="batch")  # the batch returned: its finished fits are not counted twice
+    assert lines[-1].startswith("fitting: 10/10 fits done"), lines[-1]
+
+
+def test_fit_probes_counts_fits_done_in_a_running_batch_and_never_goes_back():
+    """One batch of both problems' 4 fits: the line counts the fits that have stopped while
+    the batch runs, and the count never falls (a fit ending its symmetric phase is not done)."""
+    lines = []
+    fits = fit_probes(_problems(2), ProbeSpec(), log=lines.append, progress_every=0)
+    done = [int(m.split(": ")[1].split("/")[0]) for m in lines if "fits done" in m]
+    assert done == sorted(done), done
+    iterations = sorted(f.iterations for fl in fits for f in fl)
+    assert iterations[0] < iterations[-1]  # the fits stop at different iterations ...
+    assert any(0 < d < 4 for d in done), done  # ... and the line shows those that did
+
+
 def test_no_work_yet_means_unknown_eta_and_every_zero_reports_every_update():
     clock, lines = Clock(), []
     p = Progress(3, lines.append, every_s=0, label="regenerating", unit="simulations", clock=clock)

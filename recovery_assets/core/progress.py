@@ -9,8 +9,9 @@ an estimate of the time left::
 
 The estimate extrapolates the work done so far: finished units count whole, running ones with
 the part of them that is done (``running``; e.g. iterations / max_iter, a lower bound, so the
-ETA errs on the long side until units finish). It is thread-safe: concurrent fitting batches
-report into one object.
+ETA errs on the long side until units finish). The units a running piece has already finished
+(the fits of a batch that stopped while the rest go on) count as done in the line. It is
+thread-safe: concurrent fitting batches report into one object.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Progress:
         self.steps = 0
         self.lines = 0  # lines sent to log
         self._partial: dict[Hashable, float] = {}
+        self._finished: dict[Hashable, int] = {}  # units of running pieces that have finished
         self._lock = threading.Lock()
 
     def advance(self, done: int = 0, steps: int = 0, *, running: Hashable | None = None) -> None:
@@ -80,13 +82,17 @@ class Progress:
             self.steps += int(steps)
             if running is not None:
                 self._partial.pop(running, None)
+                self._finished.pop(running, None)
             self._maybe_report()
 
-    def running(self, key: Hashable, units: float, steps: int = 0) -> None:
+    def running(self, key: Hashable, units: float, steps: int = 0, finished: int = 0) -> None:
         """Set the part of the units that the running piece ``key`` has done (e.g. a batch of 4
-        fits at iteration 100 of at most 1000: 0.4) and add ``steps``."""
+        fits at iteration 100 of at most 1000: 0.4), how many of its units have already
+        finished (``finished``: fits of a batch that have stopped while others go on; counted
+        as done in the lines), and add ``steps``."""
         with self._lock:
             self._partial[key] = float(units)
+            self._finished[key] = int(finished)
             self.steps += int(steps)
             self._maybe_report()
 
@@ -121,6 +127,7 @@ class Progress:
         elapsed = max(now - self.started, 0.0)
         work = min(self.done + sum(self._partial.values()), float(self.total))
         rate = self.steps / elapsed if elapsed > 0 else 0.0
+        done = min(self.done + sum(self._finished.values()), self.total)
         if self.done >= self.total:
             eta = "0s"
         elif work > 0 and elapsed > 0:
@@ -128,7 +135,7 @@ class Progress:
         else:
             eta = "unknown"
         return (
-            f"{self.label}: {self.done}/{self.total} {self.unit} done, {rate:.3g} "
+            f"{self.label}: {done}/{self.total} {self.unit} done, {rate:.3g} "
             f"{self.step_unit}/s, {format_seconds(elapsed)} elapsed, ETA {eta}"
         )
 

@@ -291,8 +291,9 @@ def fit_probes(
 
         def tick(it: int, active: int) -> None:
             # running fits count as done up to it / cap (a lower bound: most stop earlier)
-            part = offset + len(lams) - active + active * min(it / max(iter_cap, 1), 1.0)
-            progress.running(key, part, steps=1)
+            finished = offset + len(lams) - active
+            part = finished + active * min(it / max(iter_cap, 1), 1.0)
+            progress.running(key, part, steps=1, finished=finished)
 
         try:
             return _fit_context(

@@ -338,7 +338,7 @@ def _fit_context(
             split_y, to_x, from_x = obj.symmetric
             first = optim.lbfgs(
                 split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=tol,
-                progress=progress,
+                progress=None if progress is None else _all_active(progress, len(lams)),
             )  # fmt: skip
             x0 = to_x(first.x)
             done = int(first.iterations.max())
@@ -374,6 +374,12 @@ def _fit_context(
         else:
             fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, mu=mu, **common))
     return fits
+
+
+def _all_active(progress: Callable[[int, int], None], n: int) -> Callable[[int, int], None]:
+    """``progress`` with every fit counted as active (the first phase of a fit: a fit that ends
+    it has not finished)."""
+    return lambda iteration, active: progress(iteration, n)
 
 
 def _shifted(progress: Callable[[int, int], None], offset: int) -> Callable[[int, int], None]:
