@@ -279,6 +279,39 @@ def test_sparse_data_term_equals_the_gram_path(shared, dtype):
     assert dense[1].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("blocked", [True, False])
+def test_dense_data_term_is_the_plain_formula_and_its_autograd(monkeypatch, blocked):
+    """The dense data term (lower Gram blocks, G + G^T scattered at the pairs and their
+    transposes, the written-out softmax) gives the plain formula's loss, mean cross-entropy of
+    [s_jk, s_ik, s_ij] from the full S = Z Z^T, and its autograd gradient."""
+    if blocked:  # force the CPU's blocked lower Gram on a small problem
+        monkeypatch.setattr(kernels, "GRAM_ROWS", 7)
+        monkeypatch.setattr(kernels, "LOOP_MM_MIN", 1)
+    g = torch.Generator().manual_seed(1)
+    B, n, q, N = 2, 40, 9, 300
+    Z = torch.randn(B, n, q, dtype=torch.float64, generator=g)
+    trip = torch.stack([torch.randperm(n, generator=g)[:3] for _ in range(N)]).unsqueeze(0)
+    ans = torch.randint(0, 3, (1, N), generator=g)
+    w = torch.full((1, N), 1.0 / N, dtype=torch.float64)
+    pidx = probe.pair_index(trip, n)
+    assert bool((pidx // n >= pidx % n).all())  # every pair in the lower triangle
+    if blocked:
+        S = kernels._gram_lower(Z)
+        full = Z @ Z.transpose(1, 2)
+        lower = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        torch.testing.assert_close(S[:, lower], full[:, lower], rtol=1e-12, atol=1e-12)
+    loss, grad = data_term._data_term(Z, pidx, ans, w)
+    Zr = Z.clone().requires_grad_(True)
+    S = Zr @ Zr.transpose(1, 2)
+    i, j, k = trip[0].unbind(-1)
+    logits = torch.stack([S[:, j, k], S[:, i, k], S[:, i, j]], -1)
+    plain = torch.stack([torch.nn.functional.cross_entropy(lg, ans[0]) for lg in logits])
+    plain.sum().backward()
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, Zr.grad, rtol=1e-10, atol=1e-12)
+    assert grad.abs().max() > 1e-3
+
+
 def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
     """A whole batched fit (lambdas x merged problems) gives the same objectives either way."""
     rng = np.random.default_rng(3)

@@ -69,7 +69,7 @@ from recovery_assets.core.probe.data_term import (
     pair_index,
 )
 from recovery_assets.core.probe.fitted import FittedProbe, probe_metrics, probe_objective
-from recovery_assets.core.probe.kernels import LOOP_MM_MIN, TRI_ROWS
+from recovery_assets.core.probe.kernels import GRAM_ROWS, LOOP_MM_MIN, TRI_ROWS
 from recovery_assets.core.probe.objective import PRECOND_FLAT, PRECOND_LAMBDA
 from recovery_assets.core.probe.penalties import PENALTY, Penalty
 from recovery_assets.core.probe.reduction import (
@@ -85,6 +85,7 @@ from recovery_assets.core.probe.spec import FAMILIES, PENALTIES, ProbeSpec, reso
 __all__ = [
     "CPU_BATCH_FLOPS",
     "FAMILIES",
+    "GRAM_ROWS",
     "LOOP_MM_MIN",
     "PAD_MIN",
     "PAD_TO",
@@ -124,6 +125,7 @@ __all__ = [
 _HOMES = {
     "CPU_BATCH_FLOPS": batching,
     "FAMILIES": spec,
+    "GRAM_ROWS": kernels,
     "LOOP_MM_MIN": kernels,
     "PAD_MIN": reduction,
     "PAD_TO": reduction,

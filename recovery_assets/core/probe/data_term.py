@@ -20,11 +20,26 @@ from dataclasses import dataclass
 
 import torch
 
+from recovery_assets.core.probe.kernels import _bmm, _gram_lower
+
 
 def pair_index(triplets: torch.Tensor, n: int) -> torch.Tensor:
-    """Flat indices into an n x n similarity matrix of the pairs [jk, ik, ij] of each triplet."""
+    """Flat indices into an n x n similarity matrix of the pairs [jk, ik, ij] of each triplet.
+
+    Each pair (a, b) is indexed in the lower triangle, max(a, b) * n + min(a, b): similarities are
+    symmetric, so the dense data term forms only the Gram matrix's lower blocks
+    (``kernels._gram_lower``)."""
     i, j, k = triplets.unbind(-1)
-    return torch.stack([j * n + k, i * n + k, i * n + j], dim=-1)
+
+    def lower(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(a, b) * n + torch.minimum(a, b)
+
+    return torch.stack([lower(j, k), lower(i, k), lower(i, j)], dim=-1)
+
+
+def transposed_index(pidx: torch.Tensor, n: int) -> torch.Tensor:
+    """The flat indices of the transposed pairs: b * n + a for a * n + b."""
+    return (pidx % n) * n + pidx // n
 
 
 def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
@@ -156,14 +171,19 @@ def _choice_gradient(logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, d
 
     The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start (tiny
     features, logits ~1e-8) its changes are far below float32 resolution, and the optimiser's
-    convergence test must still see them. The matmuls stay in the working dtype.
+    convergence test must still see them. The matmuls stay in the working dtype. The softmax is
+    written out (shifted by the row maximum): torch's own reduces over a last dimension of 3
+    about a third slower.
     """
     B = logits.shape[0]
-    logp = torch.log_softmax(logits, dim=-1)
+    m = logits.amax(-1, keepdim=True)
+    e = (logits - m).exp_()
+    total = e.sum(-1, keepdim=True)
     a = ans.expand(B, -1).unsqueeze(-1)
     ww = w.expand(B, -1).to(torch.float64)
-    loss = -(ww * logp.gather(-1, a).squeeze(-1)).sum(-1)
-    gl = logp.exp()
+    logp_a = (logits.gather(-1, a) - m - total.log()).squeeze(-1)
+    loss = -(ww * logp_a).sum(-1)
+    gl = e.div_(total)
     gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
     return loss, (gl * ww.unsqueeze(-1)).to(dtype)
 
@@ -177,7 +197,7 @@ def _triplet_logits(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern |
         ones = torch.ones(sparse.half_col.shape[0], dtype=Z.dtype, device=Z.device)
         S = torch.sparse.sampled_addmm(sparse.matrix(ones, half=True), Zf, Zf.T, beta=0.0)
         return S.values()[sparse.pos].reshape(B, -1, 3).to(torch.float64)
-    return logits_from_similarity(Z @ Z.transpose(1, 2), pidx).to(torch.float64)
+    return logits_from_similarity(_gram_lower(Z), pidx).to(torch.float64)
 
 
 def _data_term(
@@ -204,19 +224,24 @@ def _data_value(Z, pidx, ans, w, sparse: _BlockPattern | None = None):
     return _choice_gradient(_triplet_logits(Z, pidx, sparse), ans, w, Z.dtype)
 
 
-def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None):
-    """dL/dZ = (G + G^T) Z from the logits' gradient gl (B, N, 3)."""
+def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None, pidx_t=None):
+    """dL/dZ = (G + G^T) Z from the logits' gradient gl (B, N, 3).
+
+    Dense: G + G^T is formed by scattering gl at the pairs and at their transposes
+    (``pidx_t``, ``transposed_index(pidx, n)``; pass it when calling repeatedly)."""
     B, n, q = Z.shape
     if sparse is not None:
         values = torch.zeros(sparse.col.shape[0], dtype=Z.dtype, device=Z.device)
         values.index_add_(0, sparse.fwd.reshape(-1), gl.reshape(-1))
         values.index_add_(0, sparse.rev.reshape(-1), gl.reshape(-1))
         return (sparse.matrix(values) @ Z.reshape(B * n, q)).reshape(B, n, q)
-    flat = pidx.reshape(pidx.shape[0], -1).expand(B, -1)
+    if pidx_t is None:
+        pidx_t = transposed_index(pidx, n)
+    values = gl.reshape(B, -1)
     G = torch.zeros(B, n * n, dtype=Z.dtype, device=Z.device)
-    G.scatter_add_(1, flat, gl.reshape(B, -1))
-    G = G.reshape(B, n, n)
-    return (G + G.transpose(1, 2)) @ Z
+    G.scatter_add_(1, pidx.reshape(pidx.shape[0], -1).expand(B, -1), values)
+    G.scatter_add_(1, pidx_t.reshape(pidx_t.shape[0], -1).expand(B, -1), values)
+    return _bmm(G.reshape(B, n, n), Z)
 
 
 def choice_metrics(logits: torch.Tensor, ans: torch.Tensor, temperature: float = 1.0):

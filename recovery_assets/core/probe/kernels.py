@@ -4,6 +4,7 @@
 multiply-adds on ("One BLAS call per problem"). ``_image`` and ``_back``: the two feature products
 of an iteration, Z = X M^T and its adjoint, which skip the zero blocks of a tail-triangular basis
 (``reduction._triangular_tail``) in blocks of about TRI_ROWS concepts ("Tail-triangular basis").
+``_gram_lower``: the Gram matrix Z Z^T of the dense data term, its lower blocks only on the CPU.
 ``_vecdot``: per-row dot products, one BLAS dot per row ("Row dots").
 
 The constants are read at call time from this module: change them here (``kernels.TRI_ROWS``),
@@ -20,6 +21,8 @@ from recovery_assets.core import optim
 # ``_back``; the basis is taken from reduction.TRI_MIN coordinates on).
 TRI_ROWS = 96
 LOOP_MM_MIN = 2**21  # multiply-adds per problem from which the CPU loops over problems
+# Row blocks of about GRAM_ROWS concepts in ``_gram_lower``.
+GRAM_ROWS = 128
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,27 @@ def _back(dZ: torch.Tensor, Xs: torch.Tensor, lead: int | None) -> torch.Tensor:
             if j1 > j0:  # concepts before a0 have no entries in these columns
                 torch.mm(dZ[b, a0:].T, Xs[0, a0:, j0:j1], out=out[b, :, j0:j1])
     return out
+
+
+def _gram_lower(Z: torch.Tensor) -> torch.Tensor:
+    """S = Z Z^T (B, n, n) for Z (B, n, q), exact on and below the diagonal blocks only.
+
+    The data term reads S at lower-triangle indices (``data_term.pair_index``). On the CPU, from
+    LOOP_MM_MIN multiply-adds per problem, each block of about GRAM_ROWS concepts multiplies only
+    the concepts up to its own: about 57% of the full product's work at n = 865 (7 blocks),
+    whose time falls from about 7 ms to 5 at q = 880 on the 2-core machine. The entries above
+    the diagonal blocks are left unset. Other devices and small products: the full product.
+    """
+    B, n, q = Z.shape
+    if Z.device.type != "cpu" or n * n * q < LOOP_MM_MIN or n < 2 * GRAM_ROWS:
+        return Z @ Z.transpose(1, 2)
+    S = torch.empty(B, n, n, dtype=Z.dtype, device=Z.device)
+    parts = round(n / GRAM_ROWS)
+    cuts = [round(n * t / parts) for t in range(parts + 1)]
+    for b in range(B):
+        for a0, a1 in zip(cuts[:-1], cuts[1:], strict=True):
+            torch.mm(Z[b, a0:a1], Z[b, :a1].T, out=S[b, a0:a1, :a1])
+    return S
 
 
 def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

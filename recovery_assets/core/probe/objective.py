@@ -27,6 +27,7 @@ from recovery_assets.core.probe.data_term import (
     _data_value,
     _sparse_patterns,
     _triplet_logits,
+    transposed_index,
 )
 from recovery_assets.core.probe.fitted import FittedProbe
 from recovery_assets.core.probe.kernels import _back, _image
@@ -168,6 +169,7 @@ def _objective(
     # block-diagonal per set of active fits
     n_c = Xg.shape[1]
     patterns = _sparse_patterns(ctx.trip, n_c, dev)
+    pidx_t = transposed_index(ctx.pidx, n_c) if patterns is None else None  # dense: G + G^T
     blocks: dict[tuple, _BlockPattern] = {}
 
     def block(idx) -> _BlockPattern | None:
@@ -191,7 +193,8 @@ def _objective(
         return loss, gl
 
     def gradient(Z, x, gl, idx):
-        dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx))
+        dense_t = None if pidx_t is None else sel(pidx_t, idx)
+        dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx), dense_t)
         g = back(dZ, x, idx)
         if penalised:
             _, gp = pen(x, idx)
