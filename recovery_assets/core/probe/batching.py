@@ -147,7 +147,7 @@ def fit_probes(
     dtype: torch.dtype = torch.float32,
     max_iter: int = 1000,
     rel_tol: float = 1e-7,
-    history: int = 10,
+    history: int = optim.HISTORY,
     stop: str = "optimum",
     max_batch: int | None = None,
     memory_budget: float = 0.5,
