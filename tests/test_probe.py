@@ -641,6 +641,25 @@ def test_row_space_basis_keeps_every_real_direction(m, p, svals):
         probe.row_space_basis(torch.zeros(5, 4, dtype=F64))
 
 
+@pytest.mark.parametrize("dependent", [False, True])
+def test_orthonormal_step_of_the_basis(dependent):
+    """The basis's orthonormalising step spans the given columns and is orthonormal to rounding:
+    by Cholesky QR for a nearly orthonormal V, by Householder QR for one far from it (here two
+    equal columns, whose V^T V is singular)."""
+    from recovery_assets.core.probe import reduction
+
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(60, 8, dtype=F64, generator=g))
+    V = Q + 1e-3 * torch.randn(60, 8, dtype=F64, generator=g)
+    if dependent:
+        V[:, 7] = V[:, 6]
+    off = float(torch.linalg.matrix_norm(V.T @ V - torch.eye(8, dtype=F64)))
+    assert (off >= 0.5) == dependent  # which path the step takes
+    B = reduction._orthonormal(V)
+    torch.testing.assert_close(B.T @ B, torch.eye(8, dtype=F64), atol=1e-13, rtol=0)
+    torch.testing.assert_close(B @ (B.T @ V), V, atol=1e-13, rtol=0)  # the same span
+
+
 def test_rank_k_larger_than_p():
     """rank:k with k > p is a valid family (docs/method.md §4: W is k x p, initialised to
     eye(k, p); nothing bounds k): it fits, without an error, to the plain reference's optimum.
