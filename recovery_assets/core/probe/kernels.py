@@ -41,9 +41,10 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _row_blocks(n: int) -> list[int]:
-    """Split points 0 = a_0 < ... < a_b = n of the concepts into about TRI_ROWS each."""
-    parts = max(1, round(n / TRI_ROWS))
+def _row_blocks(n: int, rows: int | None = None) -> list[int]:
+    """Split points 0 = a_0 < ... < a_b = n of the concepts into about ``rows`` (default
+    TRI_ROWS) each."""
+    parts = max(1, round(n / (TRI_ROWS if rows is None else rows)))
     return [round(n * t / parts) for t in range(parts + 1)]
 
 
@@ -95,8 +96,7 @@ def _gram_lower(Z: torch.Tensor) -> torch.Tensor:
     if Z.device.type != "cpu" or n * n * q < LOOP_MM_MIN or n < 2 * GRAM_ROWS:
         return Z @ Z.transpose(1, 2)
     S = torch.empty(B, n, n, dtype=Z.dtype, device=Z.device)
-    parts = round(n / GRAM_ROWS)
-    cuts = [round(n * t / parts) for t in range(parts + 1)]
+    cuts = _row_blocks(n, GRAM_ROWS)
     for b in range(B):
         for a0, a1 in zip(cuts[:-1], cuts[1:], strict=True):
             torch.mm(Z[b, a0:a1], Z[b, :a1].T, out=S[b, a0:a1, :a1])

@@ -84,7 +84,8 @@ def _orthonormal(V: torch.Tensor) -> torch.Tensor:
     A V further from orthonormal takes the Householder QR.
     """
     G = V.T @ V
-    if float(torch.linalg.matrix_norm(G - torch.eye(G.shape[0], dtype=G.dtype))) >= 0.5:
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    if float(torch.linalg.matrix_norm(G - eye)) >= 0.5:
         return torch.linalg.qr(V)[0]
     return torch.linalg.solve_triangular(torch.linalg.cholesky(G), V.T, upper=False).T
 
