@@ -227,6 +227,11 @@ def test_reduced_fit_equals_naive_full_fit(case, penalty):
         torch.testing.assert_close(held_probs_from_W(W, d), p_ref, atol=1e-5, rtol=0)
         # transform() and matrix_tensor() agree
         torch.testing.assert_close(fit.transform(d["X"]), d["X"] @ W.T, atol=1e-10, rtol=1e-10)
+        # matrix() forms W in float32: within a few float32 roundings of the float64 W
+        W32 = torch.as_tensor(fit.matrix())
+        assert W32.dtype == torch.float32 and W32.shape == W.shape
+        err = float((W32.to(F64) - W).abs().max() / W.abs().max())
+        assert err < 8 * torch.finfo(torch.float32).eps, err
         # the fit moved away from the identity and improved on it
         f_id = float(naive_objective(torch.eye(case["p"], dtype=F64), d, lam, "full", penalty))
         assert fit.objective < f_id - 1e-4

@@ -115,12 +115,10 @@ class Shrinkage(Penalty):
         if family == "diagonal":
             return ((M - M.mean()) ** 2).sum()
         if family == "rank":
-            G = M.T @ M
-            return (
-                (G - torch.trace(G) / G.shape[0] * torch.eye(G.shape[0], dtype=G.dtype)) ** 2
-            ).sum()
-        q = M.shape[0]
-        return ((M - torch.trace(M) / q * torch.eye(q, dtype=M.dtype)) ** 2).sum()
+            M = M.T @ M
+        D = M.clone()  # M - (tr M / q) I, without forming I (p x p at p = 4,096: 128 MiB)
+        D.diagonal().sub_(torch.trace(M) / M.shape[0])
+        return D.square_().sum()
 
 
 class Frobenius(Penalty):
