@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
@@ -205,6 +206,10 @@ def fit_probe(
         "shape": list(W.shape),
     }
     click.echo(json.dumps(record))
+    # Everything is written. Leave the objects of this one-shot process (torch's thousands of
+    # module objects above all) out of the interpreter's last garbage collections: a normal exit
+    # then takes about 0.05 s instead of 0.7 s after `import torch` (docs/performance.md).
+    gc.freeze()
 
 
 def input_error(exc: BaseException) -> str | None:
