@@ -119,9 +119,9 @@ class IterationClock(Progress):
         super().__init__(*args, **kwargs)
         self.ticks: dict = {}
 
-    def running(self, key, units, steps=0):
+    def running(self, key, units, steps=0, **kwargs):
         self.ticks.setdefault(key, []).append(time.perf_counter())
-        super().running(key, units, steps)
+        super().running(key, units, steps, **kwargs)
 
     def per_iteration(self) -> list[float]:
         """Seconds between consecutive iterations of a batch, over all batches."""
