@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_bench(script: str, *args: str) -> str:
+    """Run ``bench/<script>`` with ``args`` on one torch thread (tiny problems: several threads on
+    shared cores only contend); assert it succeeded and return its standard output."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
 
 
 def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

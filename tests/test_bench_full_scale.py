@@ -2,32 +2,16 @@
 features and fitter, three iterations per fit) and prints its stage table, its per-iteration
 times and both targets."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 def test_full_scale_bench_runs_every_stage_and_reports_its_targets():
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench" / "full_scale.py"),
-        "--n-train",
-        "4000",
-        "--max-iter",
-        "3",
-        "--threads",
-        "1",
-        "--memory-budget",
-        "4",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
+    out = run_bench(
+        "full_scale.py", "--n-train", "4000", "--max-iter", "3", "--threads", "1",
+        "--memory-budget", "4",
+    )  # fmt: skip
     assert "human exclusion: 4,743,000 judgements" in out
     for stage in ("setup", "human exclusion", "sample + answer", "checksums", "fit", "score"):
         assert re.search(rf"^{re.escape(stage)}\s+[\d.]+\s+[\d.]+$", out, re.M), (stage, out)

@@ -1,32 +1,16 @@
 """bench/probe_speed.py's job line runs end to end (its --quick configuration): the fitter's job
 timed before and after the reference, the speed-up taken against their mean."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 def test_probe_speed_job_line_times_the_fitter_around_the_reference():
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench" / "probe_speed.py"),
-        "--quick",
-        "--skip-single",
-        "--rules",
-        "optimum",
-        "--reference-folds",
-        "1",
-        "--reference-lambdas",
-        "1e-2",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
+    out = run_bench(
+        "probe_speed.py", "--quick", "--skip-single", "--rules", "optimum",
+        "--reference-folds", "1", "--reference-lambdas", "1e-2",
+    )  # fmt: skip
     runs = re.findall(r"job under the optimum rule \((before|after) the reference\): ([\d.]+) s, "
                       r"(\d+) iterations", out)  # fmt: skip
     assert [w for w, _, _ in runs] == ["before", "after"], out

@@ -8,13 +8,11 @@ and with its plain float64 evaluation of the objective."""
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_bench
 
 from recovery_assets.core.probe import ProbeSpec, fit_probes
 
@@ -38,12 +36,7 @@ def _gpu_check():
 
 
 def test_gpu_check_script_runs_and_takes_both_data_paths(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--small"]
-    cmd += ["--skip-bench", "--out", str(tmp_path)]
-    # tiny problems: one torch thread each (several threads on shared cores only contend)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_bench("gpu_check.py", "--device", "cpu", "--small", "--skip-bench", "--out", str(tmp_path))
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["device"] == "cpu" and summary["all_correct"] is True
     assert [row["spec"] for row in summary["correctness"]] == SPECS
