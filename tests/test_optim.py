@@ -118,7 +118,10 @@ def test_paper_rule_ends_runs_and_stops_where_its_definition_says():
     whose end is within ``rel_tol`` of the previous run's end, and not before."""
     K, c = _problem(B=1, P=12, M=20, seed=3)
     x0 = torch.zeros(c.shape, dtype=F64)
-    rule = optim.PaperStop(inner_iter=3, inner_evals=10**6, abs_tol=0.0, grad_tol=0.0, rel_tol=1e-4)
+    rule = optim.PaperStop(
+        inner_iter=3, inner_evals=10**6, abs_tol=0.0, step_tol=0.0, grad_tol=0.0, dir_tol=0.0,
+        rel_tol=1e-4,
+    )  # fmt: skip
     res = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=rule)
     n = int(res.iterations[0])
     assert bool(res.converged[0]) and n % 3 == 0 and n >= 6
@@ -129,12 +132,15 @@ def test_paper_rule_ends_runs_and_stops_where_its_definition_says():
     assert changes[-1] < 1e-4 and all(ch >= 1e-4 for ch in changes[:-1]), changes
 
 
-def test_paper_rule_ends_a_run_on_a_small_absolute_change():
-    """With abs_tol above every change, each run is one iteration: the fit stops at the first
-    iteration whose relative change is below rel_tol."""
+@pytest.mark.parametrize("test", ["abs_tol", "step_tol"])
+def test_paper_rule_ends_a_run_on_a_small_change_or_step(test):
+    """With abs_tol (the objective's change) or step_tol (the step's largest entry) above every
+    iteration's, each run is one iteration: the fit stops at the first iteration whose relative
+    change is below rel_tol."""
     K, c = _problem(B=1, P=12, M=20, seed=4)
     x0 = torch.zeros(c.shape, dtype=F64)
-    rule = optim.PaperStop(inner_iter=150, abs_tol=1e9, grad_tol=0.0, rel_tol=1e-3)
+    tols = dict(abs_tol=0.0, step_tol=0.0, dir_tol=0.0) | {test: 1e9}
+    rule = optim.PaperStop(inner_iter=150, grad_tol=0.0, rel_tol=1e-3, **tols)
     res = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=rule)
     n = int(res.iterations[0])
     f = [float(optim.lbfgs(_plain(K, c), x0, max_iter=0).f[0])] + _trace(_plain(K, c), x0, rule, n)
@@ -157,6 +163,40 @@ def test_paper_rule_stops_earlier_than_the_optimum_and_no_lower():
         alone = optim.lbfgs(one, x0[b : b + 1], max_iter=2000, paper=loose)
         assert int(alone.iterations[0]) == int(paper.iterations[b])
         assert float(alone.f[0]) == pytest.approx(float(paper.f[b]), rel=1e-10)
+
+
+def test_paper_rule_ends_the_fit_at_a_direction_that_promises_too_little():
+    """A quasi-Newton direction with g . d > -dir_tol ends the fit where it stands: the last
+    iteration takes no step and evaluates nothing (torch stops before its line search, and every
+    later run stops there again). With dir_tol = 0 the same fit goes on, to a lower objective."""
+    K, c = _problem(B=1, P=12, M=20, seed=6)
+    x0 = torch.zeros(c.shape, dtype=F64)
+    tight = optim.PaperStop(abs_tol=0.0, step_tol=0.0, dir_tol=0.0, rel_tol=1e-12)
+    rule = optim.PaperStop(abs_tol=0.0, step_tol=0.0, dir_tol=1e-3, rel_tol=1e-12)
+    res = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=rule)
+    n = int(res.iterations[0])
+    assert bool(res.converged[0]) and n >= 3
+    before = optim.lbfgs(_plain(K, c), x0, max_iter=n - 1, paper=rule)
+    assert torch.equal(res.x, before.x) and float(res.f[0]) == float(before.f[0])
+    assert int(res.evaluations[0]) == int(before.evaluations[0])
+    further = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=tight)
+    assert int(further.iterations[0]) > n and float(further.f[0]) < float(res.f[0])
+    # every earlier step was taken: the path up to n - 1 is the tight rule's
+    same = optim.lbfgs(_plain(K, c), x0, max_iter=n - 1, paper=tight)
+    assert torch.equal(same.x, before.x)
+
+
+def test_paper_rule_does_not_hold_a_steepest_descent_step_to_the_direction_test():
+    """The first step (steepest descent) is taken whatever dir_tol; the next, a quasi-Newton
+    direction, then ends the fit when dir_tol is above every g . d."""
+    K, c = _problem(B=2, P=12, M=20, seed=7)
+    x0 = torch.zeros(c.shape, dtype=F64)
+    rule = optim.PaperStop(abs_tol=0.0, step_tol=0.0, dir_tol=1e9, rel_tol=1e-12)
+    res = optim.lbfgs(_plain(K, c), x0, max_iter=500, paper=rule)
+    one = optim.lbfgs(_plain(K, c), x0, max_iter=1, paper=rule)
+    start = optim.lbfgs(_plain(K, c), x0, max_iter=0)
+    assert res.iterations.tolist() == [2, 2] and bool(res.converged.all())
+    assert torch.equal(res.x, one.x) and (res.f < start.f).all()
 
 
 def test_unknown_stopping_rule_is_refused():

@@ -109,8 +109,9 @@ def test_max_iter_caps_both_phases_together(monkeypatch):
 def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
     """Under the paper rule the fit also starts with the symmetric phase (its own 1e-5 test, no
     paper rule), then the column phase stops by the paper rule; both count. Like the one-phase
-    paper fit, it ends a little above the optimum (the rule stops at the first run that gains
-    less than 1e-7 relative; a fresh history's first steps gain little), here within 1e-5."""
+    paper fit, it ends a little above the optimum: the rule stops once a quasi-Newton direction
+    promises less than 1e-4 per unit step. That bounds the model's predicted gain, not the gap;
+    here the gap is within 1e-3 (the objectives are about 0.6)."""
     d = make_problem(8, p=16, n_train=10, n_trip=200)
     spec = ProbeSpec.parse("full", "shrinkage")
     calls = _record_lbfgs(monkeypatch)
@@ -126,5 +127,4 @@ def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
         assert a.converged and o.converged
         assert a.iterations > int(phase_iterations[b])  # both phases counted
         for paper_fit in (a, o):
-            gap = (paper_fit.objective - m.objective) / abs(m.objective)
-            assert -1e-9 < gap < 1e-5
+            assert -1e-9 < paper_fit.objective - m.objective < 1e-3

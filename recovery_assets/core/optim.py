@@ -20,11 +20,17 @@ Stopping rules (docs/method.md §4):
 - ``optimum`` (the default): the relative objective change between iterations falls below
   ``rel_tol`` on two consecutive iterations, or the gradient vanishes, or no descent step can be
   found at working precision (the objective is then at its floor), or ``max_iter`` is reached.
-- ``paper`` (``PaperStop``): the published fits' L-BFGS settings. Iterations come in inner runs of
-  at most 150 iterations and 450 evaluations; a run ends when the objective changes by less than
-  1e-4 in one iteration or the largest gradient entry is below 1e-7; runs follow one another (the
-  curvature history carried over) until the objective at the end of a run differs from the end of
-  the previous one by less than 1e-7 relative. ``max_iter`` still caps the iterations in all.
+- ``paper`` (``PaperStop``): the published fits' L-BFGS settings (torch's L-BFGS with
+  ``tolerance_change`` 1e-4 and ``tolerance_grad`` 1e-7). Iterations come in inner runs of at
+  most 150 iterations and 450 evaluations; a run ends when the objective changes by less than
+  1e-4 in one iteration, when the step's largest entry is at most 1e-4, or when the largest
+  gradient entry is below 1e-7; runs follow one another (the curvature history carried over)
+  until the objective at the end of a run differs from the end of the previous one by less than
+  1e-7 relative. A quasi-Newton direction along which the objective falls by less than 1e-4 per
+  unit step (g . d > -1e-4) ends the fit where it stands: torch ends the run there without a
+  step, and every later run stops at the same test, at the same point. A steepest-descent step
+  (the first of a fit or of a phase, or a restart) is not held to that test: its g . d says
+  nothing of the curvature. ``max_iter`` still caps the iterations in all.
 """
 
 from __future__ import annotations
@@ -87,7 +93,9 @@ class PaperStop:
     inner_iter: int = 150
     inner_evals: int = 450
     abs_tol: float = 1e-4  # an inner run ends when one iteration changes f by less than this
+    step_tol: float = 1e-4  # ... or when the step's largest entry is at most this
     grad_tol: float = 1e-7  # ... or when the largest gradient entry is at most this
+    dir_tol: float = 1e-4  # the fit ends at a quasi-Newton direction with g . d > -dir_tol
     rel_tol: float = 1e-7  # runs end when two consecutive runs' end points are this close
 
 
@@ -213,6 +221,8 @@ def lbfgs(
             rho[:, bad] = 0
             gamma[bad] = 1
         restart = fresh | bad
+        # the paper rule: a quasi-Newton direction that promises too little ends the fit here
+        quiet = None if paper is None else (gd > -paper.dir_tol) & ~restart
         t = torch.ones(ids.numel(), device=dev, dtype=dt)
         if restart.any():  # a steepest-descent step is scaled to a unit L1 move at most
             t = torch.where(restart, torch.clamp(1.0 / g.abs().sum(-1), max=1.0), t)
@@ -241,11 +251,14 @@ def lbfgs(
                 acc = pi[ok]
                 x_new[acc], z_new[acc], f_new[acc], aux_new[acc] = xt[ok], zt[ok], ft[ok], at[ok]
             pending[pi[ok]] = False
-            rej = pi[~ok]
+            if quiet is not None:  # no step for those: the first trial is not taken
+                pending &= ~quiet
+            back = pending[pi]  # rejected, and backtracking
+            rej = pi[back]
             if rej.numel() == 0:
                 break
             # safeguarded quadratic interpolation of the step, else halve it
-            tr, fr = t[rej], ft[~ok]
+            tr, fr = t[rej], ft[back]
             denom = 2.0 * (fr - f[rej] - gd[rej] * tr)
             tq = -gd[rej] * tr * tr / denom
             tq = torch.where(torch.isfinite(tq) & (denom > 0), tq, 0.5 * tr)
@@ -261,6 +274,9 @@ def lbfgs(
             if not pending.any():
                 break
         stalled = pending | floor  # no sufficient decrease found: at the numerical floor
+        if quiet is not None:
+            stalled |= quiet
+            evals[ids[quiet]] -= 1  # torch stops before its line search: nothing evaluated
         moved = ~stalled
         if moved.all():  # the gradient only at the accepted points
             g_new = split.gradient(z_new, x_new, aux_new, ids)
@@ -288,8 +304,9 @@ def lbfgs(
             if grad_tol > 0:
                 done |= g_new.abs().amax(-1) <= grad_tol
         else:
+            step = (t[:, None] * d).abs().amax(-1)
             done, run_it, run_ev, run_end = _paper_step(
-                paper, f, f_new, g_new, evals[ids] - ev_before, run_it, run_ev, run_end
+                paper, f, f_new, g_new, evals[ids] - ev_before, run_it, run_ev, run_end, step
             )
             done |= stalled
         x, z, f, g = x_new, z_new, f_new, g_new
@@ -305,10 +322,11 @@ def lbfgs(
     return OptimResult(x=out_x, f=out_f, iterations=iters, evaluations=evals, converged=converged)
 
 
-def _paper_step(rule: PaperStop, f, f_new, g_new, evaluated, run_it, run_ev, run_end):
+def _paper_step(rule: PaperStop, f, f_new, g_new, evaluated, run_it, run_ev, run_end, step=None):
     """One iteration under the paper rule: advance the inner runs, end those whose run is over,
     and say which problems are done (a run ended within ``rule.rel_tol`` of the previous one's
-    end, or the gradient vanished). Returns (done, run_it, run_ev, run_end)."""
+    end, or the gradient vanished). ``step``: each problem's largest step entry (None: not
+    tested). Returns (done, run_it, run_ev, run_end)."""
     run_it = run_it + 1
     run_ev = run_ev + evaluated  # trial points (torch counts its closure calls alike)
     flat = (
@@ -322,6 +340,8 @@ def _paper_step(rule: PaperStop, f, f_new, g_new, evaluated, run_it, run_ev, run
         | ((f - f_new).abs() < rule.abs_tol)
         | flat
     )
+    if step is not None:
+        ended |= step <= rule.step_tol
     settled = (run_end - f_new).abs() / run_end.abs().clamp_min(1e-12) < rule.rel_tol
     done = flat | (ended & settled)  # (NaN before the first run ended: not settled)
     run_end = torch.where(ended, f_new, run_end)
