@@ -304,7 +304,7 @@ def lbfgs(
             if grad_tol > 0:
                 done |= g_new.abs().amax(-1) <= grad_tol
         else:
-            step = (t[:, None] * d).abs().amax(-1)
+            step = t * d.abs().amax(-1)  # the step's largest entry (t > 0)
             done, run_it, run_ev, run_end = _paper_step(
                 paper, f, f_new, g_new, evals[ids] - ev_before, run_it, run_ev, run_end, step
             )
