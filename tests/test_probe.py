@@ -745,3 +745,55 @@ def test_the_column_preconditioner_grows_with_lambda_per_fit():
         torch.testing.assert_close(flat, torch.full_like(flat, om.precond_flat(lam)))
         flats.append(float(flat[0]))
     assert flats[0] < flats[1] < flats[2]
+
+
+def test_scale_search_finds_the_exact_one_dimensional_optimum(monkeypatch):
+    """The start's scale search (Newton steps on the convex problem's slope, bracketed) against
+    an independent root finder on the same slope, in the three regimes: a root inside the
+    bounds (with and without a Frobenius-like linear term), a slope negative everywhere (the
+    upper bound), and one positive from t = 0 on (the lower bound)."""
+    from scipy.optimize import brentq
+
+    from recovery_assets.core.probe.objective import _scale_search
+
+    gen = torch.Generator().manual_seed(3)
+    N = 400
+    L0 = torch.randn(1, N, 3, generator=gen, dtype=F64).expand(5, -1, -1).clone()
+    ans = torch.randint(0, 3, (N,), generator=gen)
+    # fits 0-2: answers the logits favour in 60% of triplets (a finite root)
+    favoured = L0[0].argmax(-1)
+    ans = torch.where(torch.rand(N, generator=gen) < 0.6, favoured, ans)
+    # fit 3: always the largest logit, logits small enough that the softmax does not saturate
+    # below t = 1e6 (separable: the slope stays negative, t -> the upper bound)
+    # fit 4: always the smallest logit (the slope is positive at t = 0: the lower bound)
+    answers = torch.stack([ans, ans, ans, favoured, L0[0].argmin(-1)])
+    w = torch.full((N,), 1.0 / N, dtype=F64)
+    lam = torch.tensor([0.0, 1e-3, 1e-2, 0.0, 0.0], dtype=F64)
+    v0 = torch.full((5,), 3.0, dtype=F64)
+    L0[3] *= 1e-5
+    got = torch.cat(
+        [
+            _scale_search(L0[b : b + 1], answers[b], w, lam[b : b + 1], v0[b : b + 1])
+            for b in range(5)
+        ]
+    )
+
+    def slope(t, b):  # the derivative of the 1-D objective, written out afresh
+        P = torch.softmax(t * L0[b], -1)
+        chosen = L0[b].gather(-1, answers[b, :, None])[:, 0]
+        return float((w * ((P * L0[b]).sum(-1) - chosen)).sum() + lam[b] * v0[b])
+
+    for b in range(3):
+        want = brentq(slope, 1e-3, 1e3, args=(b,), xtol=1e-14)
+        assert 1e-2 < want < 1e6
+        assert abs(float(got[b]) - want) <= 1e-9 * want, (b, float(got[b]), want)
+    assert float(got[0]) > float(got[1]) > float(got[2])  # the linear term pulls t down
+    assert float(got[3]) == 1e6 and float(got[4]) == 1e-2
+    # batched over fits: the same results, in a few evaluations of the slope (bisection to
+    # float64 precision took 60 after the bracket)
+    calls = []
+    softmax = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: calls.append(1) or softmax(*a, **k))
+    batched = _scale_search(L0[:3], ans, w, lam[:3], v0[:3])
+    assert torch.allclose(batched, got[:3], rtol=1e-12, atol=0)
+    assert len(calls) <= 20, len(calls)

@@ -273,16 +273,21 @@ def _scale_search(
     v0: torch.Tensor,
     bounds: tuple[float, float] = (1e-2, 1e6),
     steps: int = 60,
+    rel_tol: float = 1e-13,
 ) -> torch.Tensor:
     """The best scale t of the start: argmin over t of mean CE(t L0) + lam t v0, per fit.
 
     From the identity, the transform c I (t = c^2) has logits t L0 (L0: the logits at the
     identity) and penalty t v0 (shrinkage: 0, since a scaled identity is not penalised;
-    Frobenius: t ||I||^2). This is convex in t, so its derivative is increasing: the root is
-    bracketed by quadrupling and found by bisection, vectorised over the fits, then clipped to
-    ``bounds``. Moving the start along the one direction the shrinkage penalty leaves free is the
-    optimiser's first step: without it, at large lambda the stiff penalty makes L-BFGS steps tiny
-    along the free scale and it stops far from the optimum.
+    Frobenius: t ||I||^2). This is convex in t: its derivative, the slope E_P[L0] - L0[answer]
+    (weighted, + lam v0), is increasing, with derivative the weighted variance Var_P[L0] >= 0.
+    The root is bracketed by quadrupling, then found by Newton steps on the slope, vectorised
+    over the fits; a step that leaves the bracket bisects it instead, and a fit stops when its
+    step is below ``rel_tol`` relative (about 8 evaluations instead of bisection's 60), or when
+    its bracket lies outside ``bounds``, to which the result is clipped. Moving the start along
+    the one direction the shrinkage penalty leaves free is the optimiser's first step: without
+    it, at large lambda the stiff penalty makes L-BFGS steps tiny along the free scale and it
+    stops far from the optimum.
     """
     B = L0.shape[0]
     a = ans.expand(B, -1).unsqueeze(-1)
@@ -290,9 +295,12 @@ def _scale_search(
     ww = w.expand(B, -1).to(torch.float64)
     pen = (lam.to(torch.float64) * v0.to(torch.float64)).reshape(B)
 
-    def slope(t: torch.Tensor) -> torch.Tensor:
+    def slope(t: torch.Tensor, curvature: bool = False):
         P = torch.softmax(t[:, None, None] * L0, dim=-1)
-        return (ww * ((P * L0).sum(-1) - La)).sum(-1) + pen
+        PL = P * L0
+        m1 = PL.sum(-1)
+        g = (ww * (m1 - La)).sum(-1) + pen
+        return (g, (ww * ((PL * L0).sum(-1) - m1 * m1)).sum(-1)) if curvature else g
 
     lo, hi = torch.zeros_like(pen), torch.ones_like(pen)
     while True:
@@ -300,11 +308,22 @@ def _scale_search(
         if not bool(grow.any()):
             break
         lo, hi = torch.where(grow, hi, lo), torch.where(grow, hi * 4, hi)
+    # a bracket outside the bounds is settled: the result is clipped to them
+    done = (hi <= bounds[0]) | (lo >= bounds[1])
+    t = (lo + hi) / 2
     for _ in range(steps):
-        mid = (lo + hi) / 2
-        up = slope(mid) > 0
-        lo, hi = torch.where(up, lo, mid), torch.where(up, mid, hi)
-    return ((lo + hi) / 2).clamp(*bounds)
+        if bool(done.all()):
+            break
+        g, h = slope(t, curvature=True)
+        lo, hi = torch.where(g <= 0, t, lo), torch.where(g > 0, t, hi)
+        newton = t - g / h
+        small = (newton - t).abs() <= rel_tol * t  # at the root to rounding (False for NaN)
+        inside = (newton > lo) & (newton < hi)  # False for a NaN step (h = 0)
+        nxt = torch.where(inside | small, newton, (lo + hi) / 2)
+        settled = small | (hi <= bounds[0]) | (lo >= bounds[1])
+        t = torch.where(done, t, nxt)
+        done = done | settled
+    return t.clamp(*bounds)
 
 
 def _fit_context(
