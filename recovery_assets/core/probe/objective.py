@@ -283,11 +283,11 @@ def _scale_search(
     (weighted, + lam v0), is increasing, with derivative the weighted variance Var_P[L0] >= 0.
     The root is bracketed by quadrupling, then found by Newton steps on the slope, vectorised
     over the fits; a step that leaves the bracket bisects it instead, and a fit stops when its
-    step is below ``rel_tol`` relative (about 8 evaluations instead of bisection's 60), or when
-    its bracket lies outside ``bounds``, to which the result is clipped. Moving the start along
-    the one direction the shrinkage penalty leaves free is the optimiser's first step: without
-    it, at large lambda the stiff penalty makes L-BFGS steps tiny along the free scale and it
-    stops far from the optimum.
+    step or its bracket is below ``rel_tol`` relative (about 8 evaluations instead of
+    bisection's 60), or when its bracket lies outside ``bounds``, to which the result is
+    clipped. Moving the start along the one direction the shrinkage penalty leaves free is the
+    optimiser's first step: without it, at large lambda the stiff penalty makes L-BFGS steps
+    tiny along the free scale and it stops far from the optimum.
     """
     B = L0.shape[0]
     a = ans.expand(B, -1).unsqueeze(-1)
@@ -320,7 +320,7 @@ def _scale_search(
         small = (newton - t).abs() <= rel_tol * t  # at the root to rounding (False for NaN)
         inside = (newton > lo) & (newton < hi)  # False for a NaN step (h = 0)
         nxt = torch.where(inside | small, newton, (lo + hi) / 2)
-        settled = small | (hi <= bounds[0]) | (lo >= bounds[1])
+        settled = small | (hi - lo <= rel_tol * hi) | (hi <= bounds[0]) | (lo >= bounds[1])
         t = torch.where(done, t, nxt)
         done = done | settled
     return t.clamp(*bounds)
