@@ -1,7 +1,6 @@
-"""The symmetric phases of a reduced fit (docs/exact-fit.md, "Symmetric phase", "Adapted
-phase"): the same optimum as one phase over all r x r matrices, every phase counted, max_iter
-capping them together, under either stopping rule; the adapted phase's curvature from the data
-term's gradient with respect to M = A^T A."""
+"""The symmetric phase of a reduced fit (docs/exact-fit.md, "Symmetric phase"): the same optimum
+as one phase over all r x r matrices, both phases counted, max_iter capping both, under either
+stopping rule."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import torch
 from test_probe import make_problem, naive_fit, problem_of, rel
 
 from recovery_assets.core.probe import ProbeSpec, fit_probes, objective
-from recovery_assets.core.probe.batching import _prepare
 
 F64 = torch.float64
 LAMS = [0.01, 0.5]
@@ -65,21 +63,17 @@ def test_two_phases_reach_the_one_phase_optimum(monkeypatch, penalty):
     assert two[-1].objective <= f_ref + 1e-9 * abs(f_ref)
 
 
-def test_the_symmetric_optimum_is_symmetric_and_every_phase_counts(monkeypatch):
+def test_the_symmetric_optimum_is_symmetric_and_both_phases_count(monkeypatch):
     d = make_problem(6, p=16, n_train=10, n_trip=200)
     spec = ProbeSpec.parse("full", "shrinkage")
     calls = _record_lbfgs(monkeypatch)
     fits = _fit(d, spec, monkeypatch, 1e-5)
-    # the symmetric phase (ended early), the adapted one, then the full one
-    tols = [objective.ADAPT_AFTER, objective.ADAPTED_PHASE_TOL, 1e-12]
-    assert [kw.get("rel_tol") for kw, _ in calls] == tols
-    (_, sym), (_, adapted), (_, full) = calls
-    assert int(sym.iterations.min()) >= objective.ADAPT_MIN_ITER  # so the adapted scale is used
+    # the symmetric phase, then the full one
+    assert [kw.get("rel_tol") for kw, _ in calls] == [1e-5, 1e-12]
+    (_, sym), (_, full) = calls
     for b, fit in enumerate(fits):
-        parts = (sym, adapted, full)
-        assert fit.iterations == sum(int(r.iterations[b]) for r in parts)
-        assert fit.evaluations == sum(int(r.evaluations[b]) for r in parts)
-        assert int(adapted.iterations[b]) > 0
+        assert fit.iterations == int(sym.iterations[b] + full.iterations[b])
+        assert fit.evaluations == int(sym.evaluations[b] + full.evaluations[b])
         # the optimum over all A is symmetric (the polar factor is never worse)
         A = fit.A
         assert float((A - A.T).norm() / A.norm()) < 1e-4
@@ -113,9 +107,8 @@ def test_max_iter_caps_both_phases_together(monkeypatch):
 
 
 def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
-    """Under the paper rule the fit also starts with the symmetric phase (to ADAPT_AFTER) and the
-    adapted phase (to the symmetric phase's own 1e-5 test), no paper rule in either, then the
-    column phase stops by the paper rule; all count. Like the one-phase
+    """Under the paper rule the fit also starts with the symmetric phase (its own 1e-5 test, no
+    paper rule), then the column phase stops by the paper rule; both count. Like the one-phase
     paper fit, it ends a little above the optimum: the rule stops once a quasi-Newton direction
     promises less than 1e-4 per unit step. That bounds the model's predicted gain, not the gap;
     here the gap is within 1e-3 (the objectives are about 0.6)."""
@@ -124,8 +117,8 @@ def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
     calls = _record_lbfgs(monkeypatch)
     with_phase = _fit(d, spec, monkeypatch, 1e-5, stop="paper")
     phases = [(kw.get("rel_tol"), kw.get("paper") is None) for kw, _ in calls]
-    assert phases == [(objective.ADAPT_AFTER, True), (1e-5, True), (1e-12, False)]
-    phase_iterations = calls[0][1].iterations + calls[1][1].iterations
+    assert phases == [(1e-5, True), (1e-12, False)]
+    phase_iterations = calls[0][1].iterations
     calls.clear()
     without = _fit(d, spec, monkeypatch, None, stop="paper")
     assert len(calls) == 1 and calls[0][0].get("paper") is not None
@@ -135,65 +128,3 @@ def test_the_paper_rule_runs_the_phase_then_its_own_test(monkeypatch):
         assert a.iterations > int(phase_iterations[b])  # both phases counted
         for paper_fit in (a, o):
             assert -1e-9 < paper_fit.objective - m.objective < 1e-3
-
-
-def _context_objective(d, lams, dtype=F64):
-    spec = ProbeSpec.parse("full", "shrinkage")
-    ctx = _prepare(problem_of(d, lams), spec, "cpu", dtype, True)
-    return ctx, objective._objective(ctx, spec, lams)
-
-
-def test_the_metric_gradient_is_the_data_terms_gradient_with_respect_to_M():
-    """``metric_gradient`` (the adapted phase's curvature) is diag(dL/dM) for the data term as a
-    function of M = A^T A, checked by autograd on the plain formula S = U M U^T."""
-    d = make_problem(9, p=16, n_train=10, n_trip=200)
-    ctx, obj = _context_objective(d, [0.01, 0.3])
-    q = ctx.X.shape[2]
-    g = torch.Generator().manual_seed(0)
-    A = torch.eye(q, dtype=F64) + 0.3 * torch.randn(2, q, q, generator=g, dtype=F64)
-    A = (A + A.transpose(1, 2)) / 2
-    D = obj.x0.reshape(2, q, q).diagonal(dim1=1, dim2=2)  # x0 = I D
-    got = obj.metric_gradient((A * D[:, None, :]).reshape(2, -1))
-    U = ctx.X[0]
-    i, j, k = ctx.trip[0].unbind(-1)
-    for b in range(2):
-        M = (A[b].T @ A[b]).requires_grad_(True)
-        S = U @ M @ U.T
-        logits = torch.stack([S[j, k], S[i, k], S[i, j]], -1)
-        torch.nn.functional.cross_entropy(logits, ctx.ans[0]).backward()
-        torch.testing.assert_close(got[b], M.grad.diagonal(), rtol=1e-10, atol=1e-12)
-        assert float(M.grad.diagonal().abs().max()) > 1e-4
-
-
-def test_the_adapted_scale_is_the_curvature_of_the_gradient_term():
-    """Omega_ij = (a_i + a_j)^-1/2, a = g_M + lambda (floored), times D down the columns; a fit
-    whose symmetric phase ended too soon keeps the phase's own two-sided coordinates."""
-    g_m = torch.tensor([[0.5, -0.01, 0.0]], dtype=F64)
-    lam = torch.tensor([0.1], dtype=F64)
-    D = torch.tensor([[1.0, 2.0, 4.0]], dtype=F64)
-    scale = objective._adapted_scale(g_m, lam, D)
-    a = torch.tensor([0.6, 0.09, 0.1], dtype=F64)
-    want = (a[:, None] + a[None, :]).rsqrt() * D[0][None, :]
-    torch.testing.assert_close(scale[0], want)
-    floored = objective._adapted_scale(torch.tensor([[-5.0, 1.0]], dtype=F64), lam, D[:, :2])
-    assert float(floored[0, 0, 0]) == pytest.approx((2 * 0.01) ** -0.5 * 1.0)
-
-    d = make_problem(10, p=16, n_train=10, n_trip=200)
-    ctx, obj = _context_objective(d, [0.01, 0.3])
-    q = ctx.X.shape[2]
-    x = obj.x0 * 1.7
-    y = torch.randn(2, q, q, dtype=F64)
-    y = ((y + y.transpose(1, 2)) / 2).reshape(2, -1)
-    _, sym_to_x, _ = obj.symmetric
-    _, kept_to_x, kept_from_x = obj.adapted(x, torch.tensor([True, True]))
-    torch.testing.assert_close(kept_to_x(y), sym_to_x(y))
-    _, to_x, from_x = obj.adapted(x, torch.tensor([False, True]))
-    assert not torch.allclose(to_x(y)[0], sym_to_x(y)[0])  # the first fit's own scale
-    torch.testing.assert_close(to_x(y)[1], sym_to_x(y)[1])
-    torch.testing.assert_close(from_x(to_x(y)), y)
-    # without a penalty a fit keeps the two-sided coordinates too
-    _, free = _context_objective(d, [0.0, 0.3])
-    _, free_to_x, _ = free.adapted(x, torch.tensor([False, False]))
-    _, free_sym_to_x, _ = free.symmetric
-    torch.testing.assert_close(free_to_x(y)[0], free_sym_to_x(y)[0])
-    assert not torch.allclose(free_to_x(y)[1], free_sym_to_x(y)[1])

@@ -52,14 +52,6 @@ PROX_TOL_FACTOR = 0.01
 # relative change on two consecutive iterations, under either stopping rule; the fit then goes on
 # in the full r x r coordinates to the rule's own stopping test. None: no symmetric phase.
 SYMMETRIC_PHASE_TOL: float | None = 1e-5
-# The symmetric phase ends earlier, at ADAPT_AFTER, and an adapted symmetric phase follows
-# (docs/exact-fit.md, "Adapted phase"), preconditioned elementwise by the curvature at its start,
-# until SYMMETRIC_PHASE_TOL (paper rule) or ADAPTED_PHASE_TOL (optimum rule); then the column
-# phase. A fit whose symmetric phase took under ADAPT_MIN_ITER iterations keeps its coordinates
-# there. ADAPT_AFTER None: no adapted phase (the symmetric phase runs to SYMMETRIC_PHASE_TOL).
-ADAPT_AFTER: float | None = 1e-4
-ADAPTED_PHASE_TOL = 1e-6
-ADAPT_MIN_ITER = 10
 
 
 def precond_flat(lam: float) -> float:
@@ -82,11 +74,6 @@ class _Objective:
     # the same objective over symmetric A (reduced rotation-invariant fits only, else None), and
     # the maps between its coordinates and x: (split, x -> its coordinates, back to x)
     symmetric: tuple[optim.Split, Callable, Callable] | None = None
-    # (x, keep) -> the adapted phase's (split, x -> its coordinates, back to x) at x (fits with
-    # ``keep`` keep the symmetric phase's coordinates), and (x) -> diag of the data term's
-    # gradient with respect to M = A^T A (B, q); None with ``symmetric``
-    adapted: Callable | None = None
-    metric_gradient: Callable | None = None
 
 
 def _objective(
@@ -237,76 +224,38 @@ def _objective(
         v0 = pen(x0, every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
-    symmetric = adapted = metric_gradient = None
+    symmetric = None
     if family in ("full", "pca") and ctx.V[0] is not None and penalised and P.rotation_invariant:
-        symmetric = _symmetric(split, Dinv[:, :, None], q, B)
-
-        def metric_gradient(x):
-            """(B, q): the diagonal of the data term's gradient with respect to M = A^T A at x,
-            U^T G U with dL/dS = G at the pairs (dL/dZ = (G + G^T) Z, here with Z -> U)."""
-            every = torch.arange(B, device=dev)
-            Z = model(x, every)
-            _, gl = value(Z, x, every)
-            U = sel(Xg, every).expand(B, -1, -1)
-            dense_t = None if pidx_t is None else sel(pidx_t, every)
-            GU = _data_backward(U, gl, sel(ctx.pidx, every), block(every), dense_t)
-            return 0.5 * (U * GU).sum(1)
-
-        def adapted(x, keep):
-            """The adapted coordinates at x; fits with ``keep`` (B,) keep the symmetric
-            phase's two-sided D (it ended too soon to have measured the curvature it met), as
-            do fits without a penalty (lambda = 0: a_e then vanishes at the optimum)."""
-            scale = _adapted_scale(metric_gradient(x), lam, D)
-            keep = keep | (lam <= 0) | ~torch.isfinite(scale).flatten(1).all(-1)
-            scale = torch.where(keep[:, None, None], Dinv[:, :, None].expand_as(scale), scale)
-            return _symmetric(split, scale, q, B)
-
-    return _Objective(
-        smooth, split, x0, lam, unpack, shape, start, symmetric, adapted, metric_gradient
-    )
+        symmetric = _symmetric(split, D, Dinv, q, B)
+    return _Objective(smooth, split, x0, lam, unpack, shape, start, symmetric)
 
 
-def _adapted_scale(g_m: torch.Tensor, lam: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """The adapted phase's coordinates (docs/exact-fit.md, "Adapted phase"): A = Omega * y
-    elementwise for symmetric y, Omega_ij = (a_i + a_j)^-1/2 with a_e = g_e + lambda, the part of
-    the objective's diagonal curvature over symmetric A that the data term's gradient g_M with
-    respect to M = A^T A and the penalty give (the Gauss-Newton part is left out: with it the
-    realistic fits take 1.3-2.8x the iterations), floored at lambda / 10 and at 1e-6 of the
-    largest. Returns the (B, q, q) scale of ``_symmetric``: x = A D = y * Omega * D."""
-    a = g_m.to(torch.float64) + lam.to(torch.float64)[:, None]
-    floor = torch.maximum(0.1 * lam.to(torch.float64), 1e-6 * a.abs().amax(-1))
-    a = torch.maximum(a, floor.clamp_min(1e-30)[:, None])
-    omega = torch.rsqrt(a[:, :, None] + a[:, None, :])
-    return (omega * D.to(torch.float64)[:, None, :]).to(D.dtype)
+def _symmetric(split: optim.Split, D, Dinv, q: int, B: int):
+    """The reduced objective over symmetric A, preconditioned on both sides (docs/exact-fit.md,
+    "Symmetric phase"): A = D^-1 y D^-1 for symmetric y, i.e. the column coordinates
+    x = A D = D^-1 y. Returns the split objective in y and the maps y -> x and x -> y (the
+    latter for symmetric A: y = D x).
 
-
-def _symmetric(split: optim.Split, scale: torch.Tensor, q: int, B: int):
-    """The reduced objective over symmetric A (docs/exact-fit.md, "Symmetric phase"), in
-    coordinates y with x = A D = y * scale, for symmetric y, elementwise: the symmetric phase's
-    scale is D^-1 down the rows (``Dinv[:, :, None]``: A = D^-1 y D^-1, preconditioned on both
-    sides), the adapted phase's a full (B, q, q) Omega D (``_adapted_scale``). Returns the split
-    objective in y and the maps y -> x and x -> y (the latter for symmetric A).
-
-    The gradient in y is projected onto the symmetric matrices, sym(scale * g_x) with
+    The gradient in y is projected onto the symmetric matrices, sym(D^-1 g_x) with
     sym(a) = (a + a^T) / 2, so every L-BFGS iterate (a symmetric start plus combinations of
     symmetric gradients and steps) stays symmetric and ``to_x`` need not symmetrise it again:
     one transpose per iteration instead of four.
     """
 
-    def times(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return a.reshape(-1, q, q) * s
+    def rows(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return a.reshape(-1, q, q) * scale[:, :, None]
 
     def sym(a: torch.Tensor) -> torch.Tensor:
         return (a + a.transpose(1, 2)).mul_(0.5)
 
     def to_x(y, idx):
-        return times(y, scale[idx]).reshape(y.shape[0], -1)
+        return rows(y, Dinv[idx]).reshape(y.shape[0], -1)
 
     def adjoint(g, idx):  # the gradient in y of f(x(y)), projected onto symmetric y
-        return sym(times(g, scale[idx])).reshape(g.shape[0], -1)
+        return sym(rows(g, Dinv[idx])).reshape(g.shape[0], -1)
 
     def from_x(x):
-        return (x.reshape(-1, q, q) / scale).reshape(B, -1)
+        return rows(x, D).reshape(B, -1)
 
     split_y = optim.Split(
         lambda y, idx: split.image(to_x(y, idx), idx),
@@ -408,33 +357,15 @@ def _fit_context(
         first = None
         tol = SYMMETRIC_PHASE_TOL
         if obj.symmetric is not None and tol is not None and (paper is not None or rel_tol < tol):
-            # the adapted phase ends where the symmetric phase alone would (paper rule) or
-            # closer to the optimum (optimum rule, if that is short of the rule's own test)
-            end = tol if paper is not None else ADAPTED_PHASE_TOL
-            adapt = ADAPT_AFTER is not None and ADAPT_AFTER > end
-            adapt = adapt and (paper is not None or end > rel_tol)
-            phases = [(obj.symmetric, ADAPT_AFTER if adapt else tol)]
-            if adapt:
-                phases.append((obj.adapted, end))
-            base, offset = progress, 0
-            for phase, phase_tol in phases:
-                if isinstance(phase, tuple):
-                    split_y, to_x, from_x = phase
-                else:
-                    split_y, to_x, from_x = phase(x0, first.iterations < ADAPT_MIN_ITER)
-                tick = None if base is None else _all_active(_shifted(base, offset), len(lams))
-                part = optim.lbfgs(
-                    split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=phase_tol,
-                    progress=tick, caps=None if first is None else max_iter - first.iterations,
-                )  # fmt: skip
-                x0 = to_x(part.x)
-                if first is not None:  # iterations and evaluations count every phase
-                    part.iterations += first.iterations
-                    part.evaluations += first.evaluations
-                first = part
-                offset = int(first.iterations.max())
-            if base is not None:
-                progress = _shifted(base, offset)
+            split_y, to_x, from_x = obj.symmetric
+            first = optim.lbfgs(
+                split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=tol,
+                progress=None if progress is None else _all_active(progress, len(lams)),
+            )  # fmt: skip
+            x0 = to_x(first.x)
+            done = int(first.iterations.max())
+            if progress is not None:
+                progress = _shifted(progress, done)
         res = optim.lbfgs(
             obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol,
             progress=progress, paper=paper,
