@@ -190,6 +190,21 @@ class FitModel:
         t = math.log(N / lo) / math.log(hi / lo)
         return math.exp((1 - t) * math.log(points[lo]) + t * math.log(points[hi]))
 
+    @staticmethod
+    def _linear(points: dict[int, float], N: int) -> float:
+        """Linear interpolation between the measured sizes; past the largest, proportional to N.
+        For the set-up time, which a timing can put at 0 (``calibrate`` floors it there): a
+        log-log interpolation would take the logarithm of 0."""
+        xs = sorted(points)
+        if N <= xs[0]:
+            return points[xs[0]]
+        if N >= xs[-1]:
+            return points[xs[-1]] * N / xs[-1]
+        hi = next(x for x in xs if x >= N)
+        lo = xs[xs.index(hi) - 1]
+        t = (N - lo) / (hi - lo)
+        return (1 - t) * points[lo] + t * points[hi]
+
     def seconds(self, r: int, N: int, lam: float) -> float:
         rs = sorted({key[0] for key in self.per_iteration})
         near = min(rs, key=lambda x: abs(math.log(x / r)))
@@ -200,7 +215,7 @@ class FitModel:
         if not its:
             its = {n: float(np.mean(list(v.values()))) for (rr, n), v in self.iterations.items()}
         setup = {n: s for (rr, n), s in self.setup.items() if rr == near}
-        fixed = self._interp(setup, N) if setup else 0.0
+        fixed = self._linear(setup, N) if setup else 0.0
         return (self._interp(its, N, extrapolate=False) * self._interp(per, N) + fixed) * scale
 
 

@@ -66,6 +66,19 @@ def test_fit_model_interpolates_in_log_n():
     assert model.seconds(200, 10_000, 1.0) == pytest.approx(20.0)  # ~ r^2
 
 
+def test_a_set_up_time_measured_as_zero_is_interpolated_linearly():
+    """``calibrate`` floors a set-up time at 0 when the timings' noise exceeds it; the model
+    still answers (a log-log interpolation took the logarithm of 0 and raised)."""
+    model = FitModel(
+        iterations={(100, 1_000): {1.0: 50.0}},
+        per_iteration={(100, 1_000): 0.01, (100, 4_000): 0.04},
+        setup={(100, 1_000): 0.0, (100, 4_000): 0.3},
+    )
+    assert model.seconds(100, 1_000, 1.0) == pytest.approx(0.5)
+    assert model.seconds(100, 2_500, 1.0) == pytest.approx(50 * 0.025 + 0.15, rel=0.05)
+    assert model.seconds(100, 8_000, 1.0) == pytest.approx(50 * 0.08 + 0.6)  # setup ~ N past it
+
+
 def test_estimate_command_prints_json():
     res = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "recovery"), "estimate", "--study", "tiny", "--json"],
