@@ -170,9 +170,13 @@ class FitModel:
     setup: dict[tuple[int, int], float] = field(default_factory=dict)  # per fit, before iterating
 
     @staticmethod
-    def _interp(points: dict[int, float], N: int, extrapolate: bool = True) -> float:
+    def _interp(
+        points: dict[int, float], N: int, extrapolate: bool = True, linear: bool = False
+    ) -> float:
         """Log-log interpolation between the measured sizes; past the largest, the last two
-        points' slope (``extrapolate``) or the last value."""
+        points' slope (``extrapolate``) or the last value. ``linear``: linear interpolation and,
+        past the largest, proportional to N (for the set-up time, which ``calibrate`` floors at
+        0 when the timings' noise exceeds it: its logarithm would not exist)."""
         xs = sorted(points)
         if N <= xs[0]:
             return points[xs[0]]
@@ -180,30 +184,18 @@ class FitModel:
             return points[xs[-1]]
         if N >= xs[-1]:
             last = points[xs[-1]]
-            if len(xs) > 1:  # extrapolate in log-log from the last two points
+            if len(xs) > 1 and not linear:  # extrapolate in log-log from the last two points
                 a, b = xs[-2], xs[-1]
                 slope = math.log(points[b] / points[a]) / math.log(b / a)
                 return last * (N / b) ** max(slope, 0.0)
             return last * N / xs[-1]
         hi = next(x for x in xs if x >= N)
         lo = xs[xs.index(hi) - 1]
+        if linear:
+            t = (N - lo) / (hi - lo)
+            return (1 - t) * points[lo] + t * points[hi]
         t = math.log(N / lo) / math.log(hi / lo)
         return math.exp((1 - t) * math.log(points[lo]) + t * math.log(points[hi]))
-
-    @staticmethod
-    def _linear(points: dict[int, float], N: int) -> float:
-        """Linear interpolation between the measured sizes; past the largest, proportional to N.
-        For the set-up time, which a timing can put at 0 (``calibrate`` floors it there): a
-        log-log interpolation would take the logarithm of 0."""
-        xs = sorted(points)
-        if N <= xs[0]:
-            return points[xs[0]]
-        if N >= xs[-1]:
-            return points[xs[-1]] * N / xs[-1]
-        hi = next(x for x in xs if x >= N)
-        lo = xs[xs.index(hi) - 1]
-        t = (N - lo) / (hi - lo)
-        return (1 - t) * points[lo] + t * points[hi]
 
     def seconds(self, r: int, N: int, lam: float) -> float:
         rs = sorted({key[0] for key in self.per_iteration})
@@ -215,7 +207,7 @@ class FitModel:
         if not its:
             its = {n: float(np.mean(list(v.values()))) for (rr, n), v in self.iterations.items()}
         setup = {n: s for (rr, n), s in self.setup.items() if rr == near}
-        fixed = self._linear(setup, N) if setup else 0.0
+        fixed = self._interp(setup, N, linear=True) if setup else 0.0
         return (self._interp(its, N, extrapolate=False) * self._interp(per, N) + fixed) * scale
 
 
