@@ -204,3 +204,36 @@ def test_unknown_stopping_rule_is_refused():
     assert optim.stop_rule("paper") == optim.PaperStop()
     with pytest.raises(ValueError, match="unknown stopping rule 'best'"):
         optim.stop_rule("best")
+
+
+def test_release_ends_the_problems_it_accepts_at_the_looser_test_and_leaves_the_rest_as_they_were():
+    """``release=(tol, decide)``: ``decide`` is asked once per problem, when its relative change
+    has been below tol twice running; accepted problems end there, marked released; rejected ones
+    run exactly as without ``release``."""
+    K, c = _problem(B=4, seed=3)
+    x0 = torch.zeros(c.shape, dtype=F64)
+    fg = _plain(K, c)
+    plain = optim.lbfgs(fg, x0, rel_tol=1e-12, max_iter=500)
+    asked = []
+
+    def decide(x, idx, iterations):
+        asked.append((idx.tolist(), iterations.tolist(), x.clone()))
+        return idx % 2 == 0  # problems 0 and 2 leave
+
+    res = optim.lbfgs(fg, x0, rel_tol=1e-12, max_iter=500, release=(1e-4, decide))
+    seen = sorted(i for idx, _, _ in asked for i in idx)
+    assert seen == [0, 1, 2, 3]  # each asked exactly once
+    assert res.released.tolist() == [True, False, True, False]
+    assert bool(res.converged.all())
+    for idx, iterations, x in asked:
+        for i, b in enumerate(idx):
+            if b % 2 == 0:  # ended where it was asked, after the iterations it was told
+                assert int(res.iterations[b]) == iterations[i]
+                torch.testing.assert_close(res.x[b], x[i], rtol=0, atol=0)
+                assert int(res.iterations[b]) < int(plain.iterations[b])
+                assert float(res.f[b]) > float(plain.f[b])
+    for b in (1, 3):  # the others: the same run (to the rounding of a smaller batch's products)
+        assert int(res.iterations[b]) == int(plain.iterations[b])
+        torch.testing.assert_close(res.x[b], plain.x[b], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="optimum rule"):
+        optim.lbfgs(fg, x0, paper=optim.PaperStop(), release=(1e-4, decide))

@@ -116,6 +116,7 @@ class OptimResult:
     iterations: torch.Tensor  # (B,) iterations taken
     evaluations: torch.Tensor  # (B,) objective evaluations
     converged: torch.Tensor  # (B,) bool: a stopping rule other than max_iter fired
+    released: torch.Tensor | None = None  # (B,) bool: ended early by ``release`` (or None)
 
 
 def _rel_change(f_old: torch.Tensor, f_new: torch.Tensor) -> torch.Tensor:
@@ -160,6 +161,7 @@ def lbfgs(
     progress: Callable[[int, int], None] | None = None,
     paper: PaperStop | None = None,
     caps: torch.Tensor | None = None,
+    release: tuple[float, Callable] | None = None,
 ) -> OptimResult:
     """Minimise B independent smooth objectives with L-BFGS and a backtracking Armijo line search.
 
@@ -168,6 +170,13 @@ def lbfgs(
     batched tensor operations on the active set. ``paper``: stop by the published fits' rule
     instead of ``rel_tol`` (see the module docstring). ``caps`` (B,): each problem's own
     iteration cap (at most ``max_iter``); a problem that reaches it is not converged.
+    ``release`` (optimum rule only): ``(tol, decide)``. When a problem's relative change has been
+    below ``tol`` (looser than ``rel_tol``) on two consecutive iterations, ``decide(x, idx,
+    iterations)`` is asked once, for all problems reaching that point in one iteration at once
+    (their rows of x, their batch indices, their iteration counts) and returns a bool per
+    problem: those it accepts end there (converged, and marked in the result's ``released``);
+    the others run on as without ``release`` (the same iterates, to the rounding of a smaller
+    batch's products).
     """
     split = fg if isinstance(fg, Split) else Split.plain(fg)
     B, P = x0.shape
@@ -187,6 +196,12 @@ def lbfgs(
     gamma = torch.ones(B, device=dev, dtype=dt)
     small = torch.zeros(B, dtype=torch.long, device=dev)
     fresh = torch.ones(B, dtype=torch.bool, device=dev)  # next step is a steepest-descent step
+    # ``release``: the looser test's counter, whether ``decide`` was asked, and its answers
+    if release is not None and paper is not None:
+        raise ValueError("release needs the optimum rule (paper is None)")
+    small_r = torch.zeros_like(small)
+    asked = torch.zeros_like(fresh, dtype=torch.bool)
+    released = torch.zeros(B, dtype=torch.bool, device=dev) if release is not None else None
 
     # the paper rule's state: iterations and evaluations of the current inner run, and the
     # objective at the end of the previous run (NaN before the first ends)
@@ -206,6 +221,7 @@ def lbfgs(
             ids, x, f, g, z = ids[keep], x[keep], f[keep], g[keep], z[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
             gamma, small, fresh = gamma[keep], small[keep], fresh[keep]
+            small_r, asked = small_r[keep], asked[keep]
             run_it, run_ev, run_end = run_it[keep], run_ev[keep], run_end[keep]
         if ids.numel() == 0 or it == max_iter:
             break
@@ -303,6 +319,17 @@ def lbfgs(
             done = (small >= 2) | stalled
             if grad_tol > 0:
                 done |= g_new.abs().amax(-1) <= grad_tol
+            if release is not None:
+                r_tol, decide = release
+                small_r = torch.where(rel < r_tol, small_r + 1, torch.zeros_like(small_r))
+                ask = (small_r >= 2) & ~asked & ~done
+                if ask.any():
+                    ai = ask.nonzero().squeeze(-1)
+                    asked[ai] = True
+                    go = ai[decide(x_new[ai], ids[ai], iters[ids[ai]] + 1)]
+                    released[ids[go]] = True
+                    done = done.clone()
+                    done[go] = True
         else:
             step = t * d.abs().amax(-1)  # the step's largest entry (t > 0)
             done, run_it, run_ev, run_end = _paper_step(
@@ -319,7 +346,7 @@ def lbfgs(
     if ids.numel():  # max_iter reached
         out_x[ids], out_f[ids] = x, f
     converged &= torch.isfinite(out_f)
-    return OptimResult(x=out_x, f=out_f, iterations=iters, evaluations=evals, converged=converged)
+    return OptimResult(out_x, out_f, iters, evals, converged, released)
 
 
 def _paper_step(rule: PaperStop, f, f_new, g_new, evaluated, run_it, run_ev, run_end, step=None):

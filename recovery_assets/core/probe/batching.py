@@ -221,10 +221,11 @@ def fit_probes(
         return tuple(max(dims(i)[k] for i in members) for k in range(3))
 
     def fit_bytes(members):
-        """Memory of one fit of a batch of these problems: history, iterates, Gram, logits."""
+        """Memory of one fit of a batch of these problems: history, iterates, the adapted
+        phase's scale, Gram, logits."""
         q, n, N = padded(members)
         size = contexts[members[0]].X.element_size()
-        return ((2 * history + 8) * q * q + 4 * n * n + 8 * N) * size
+        return ((2 * history + 9) * q * q + 4 * n * n + 8 * N) * size
 
     def limit_for(members):
         q, n, N = padded(members)

@@ -52,6 +52,15 @@ PROX_TOL_FACTOR = 0.01
 # relative change on two consecutive iterations, under either stopping rule; the fit then goes on
 # in the full r x r coordinates to the rule's own stopping test. None: no symmetric phase.
 SYMMETRIC_PHASE_TOL: float | None = 1e-5
+# A fit whose symmetric phase reaches ADAPT_AFTER (after at least ADAPT_MIN_ITER iterations) with
+# a positive curvature a_e in every coordinate leaves it there for the adapted phase
+# (docs/exact-fit.md, "Adapted phase"): a symmetric phase preconditioned elementwise by that
+# curvature, run to SYMMETRIC_PHASE_TOL (paper rule) or ADAPTED_PHASE_TOL (optimum rule) before
+# the column phase. Every other fit runs its symmetric phase on, unchanged, to
+# SYMMETRIC_PHASE_TOL. ADAPT_AFTER None: no adapted phase.
+ADAPT_AFTER: float | None = 1e-4
+ADAPTED_PHASE_TOL = 1e-6
+ADAPT_MIN_ITER = 10
 
 
 def precond_flat(lam: float) -> float:
@@ -72,8 +81,14 @@ class _Objective:
     shape: tuple
     start: Callable  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
     # the same objective over symmetric A (reduced rotation-invariant fits only, else None), and
-    # the maps between its coordinates and x: (split, x -> its coordinates, back to x)
+    # the maps between its coordinates and x: (split, (y[, idx]) -> x, x -> y)
     symmetric: tuple[optim.Split, Callable, Callable] | None = None
+    # (x rows, idx, iterations) -> (ok (k,), the adapted scale of the ok rows): which fits suit
+    # the adapted phase at x; (scale, fits) -> that phase over ``fits`` as ``symmetric``
+    adapted_scale: Callable | None = None
+    adapted: Callable | None = None
+    # (x rows, idx) -> (k, q): diag of the data term's gradient with respect to M = A^T A
+    metric_gradient: Callable | None = None
 
 
 def _objective(
@@ -224,45 +239,100 @@ def _objective(
         v0 = pen(x0, every)[0]
         return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
 
-    symmetric = None
+    obj = _Objective(smooth, split, x0, lam, unpack, shape, start)
     if family in ("full", "pca") and ctx.V[0] is not None and penalised and P.rotation_invariant:
-        symmetric = _symmetric(split, D, Dinv, q, B)
-    return _Objective(smooth, split, x0, lam, unpack, shape, start, symmetric)
+        obj.symmetric = _symmetric(split, Dinv[:, :, None], D[:, :, None], q)
+
+        def metric_gradient(x, idx):
+            """(k, q): the diagonal of the data term's gradient with respect to M = A^T A at x
+            (rows of fits idx), U^T G U with dL/dS = G at the pairs (dL/dZ = (G + G^T) Z, here
+            with Z -> U)."""
+            Z = model(x, idx)
+            _, gl = value(Z, x, idx)
+            U = sel(Xg, idx).expand(idx.numel(), -1, -1)
+            dense_t = None if pidx_t is None else sel(pidx_t, idx)
+            GU = _data_backward(U, gl, sel(ctx.pidx, idx), block(idx), dense_t)
+            return 0.5 * (U * GU).sum(1)
+
+        def adapted_scale(x, idx, iterations):
+            """Fits that suit the adapted phase: a penalty (lambda > 0), at least ADAPT_MIN_ITER
+            iterations behind them (a shorter phase has not met the curvature it would adapt
+            to) and a_e = g_e + lambda > 0 in every coordinate (near separability the data
+            term's gradient can be negative: its curvature is then no guide)."""
+            g_m = metric_gradient(x, idx)
+            a = g_m.to(torch.float64) + lam[idx].to(torch.float64)[:, None]
+            ok = (lam[idx] > 0) & (iterations >= ADAPT_MIN_ITER)
+            ok &= (a > 0).all(-1) & torch.isfinite(a).all(-1)
+            return ok, _adapted_scale(g_m[ok], lam[idx][ok], D[idx][ok])
+
+        def adapted(scale, fits):
+            return _symmetric(split, scale, 1.0 / scale, q, fits)
+
+        obj.metric_gradient = metric_gradient
+        obj.adapted_scale, obj.adapted = adapted_scale, adapted
+    return obj
 
 
-def _symmetric(split: optim.Split, D, Dinv, q: int, B: int):
-    """The reduced objective over symmetric A, preconditioned on both sides (docs/exact-fit.md,
-    "Symmetric phase"): A = D^-1 y D^-1 for symmetric y, i.e. the column coordinates
-    x = A D = D^-1 y. Returns the split objective in y and the maps y -> x and x -> y (the
-    latter for symmetric A: y = D x).
+def _adapted_scale(g_m: torch.Tensor, lam: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The adapted phase's coordinates (docs/exact-fit.md, "Adapted phase"): A = Omega * y
+    elementwise for symmetric y, Omega_ij = (a_i + a_j)^-1/2 with a_e = g_e + lambda, the part of
+    the objective's diagonal curvature over symmetric A that the data term's gradient g_M with
+    respect to M = A^T A and the penalty give (the Gauss-Newton part is left out: with it the
+    realistic fits take 1.3-2.8x the iterations), floored at lambda / 10 and at 1e-6 of the
+    largest (a fit takes the phase only if every a_e > 0 before the floor). Returns the
+    (k, q, q) scale of ``_symmetric``: x = A D = y * Omega * D."""
+    a = g_m.to(torch.float64) + lam.to(torch.float64)[:, None]
+    floor = torch.maximum(0.1 * lam.to(torch.float64), 1e-6 * a.abs().amax(-1))
+    a = torch.maximum(a, floor.clamp_min(1e-30)[:, None])
+    omega = torch.rsqrt(a[:, :, None] + a[:, None, :])
+    return (omega * D.to(torch.float64)[:, None, :]).to(D.dtype)
 
-    The gradient in y is projected onto the symmetric matrices, sym(D^-1 g_x) with
+
+def _symmetric(
+    split: optim.Split,
+    scale: torch.Tensor,
+    inverse: torch.Tensor,
+    q: int,
+    fits: torch.Tensor | None = None,
+):
+    """The reduced objective over symmetric A (docs/exact-fit.md, "Symmetric phase"), for the
+    batch's fits ``fits`` (the phase's problem i is fit fits[i]; None: all), in coordinates y with
+    x = A D = y * scale elementwise, for symmetric y: the symmetric phase's scale is D^-1 down
+    the rows (``Dinv[:, :, None]``: A = D^-1 y D^-1, preconditioned on both sides), the adapted
+    phase's a full (k, q, q) Omega D (``_adapted_scale``); ``inverse`` is 1 / scale. Returns the
+    split objective in y and the maps y -> x (all rows, or the rows of ``idx``) and x -> y (for
+    symmetric A).
+
+    The gradient in y is projected onto the symmetric matrices, sym(scale * g_x) with
     sym(a) = (a + a^T) / 2, so every L-BFGS iterate (a symmetric start plus combinations of
     symmetric gradients and steps) stays symmetric and ``to_x`` need not symmetrise it again:
     one transpose per iteration instead of four.
     """
 
-    def rows(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return a.reshape(-1, q, q) * scale[:, :, None]
+    def times(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return a.reshape(-1, q, q) * s
 
     def sym(a: torch.Tensor) -> torch.Tensor:
         return (a + a.transpose(1, 2)).mul_(0.5)
 
-    def to_x(y, idx):
-        return rows(y, Dinv[idx]).reshape(y.shape[0], -1)
+    def to_x(y, idx=None):
+        return times(y, scale if idx is None else scale[idx]).reshape(y.shape[0], -1)
 
     def adjoint(g, idx):  # the gradient in y of f(x(y)), projected onto symmetric y
-        return sym(rows(g, Dinv[idx])).reshape(g.shape[0], -1)
+        return sym(times(g, scale[idx])).reshape(g.shape[0], -1)
 
     def from_x(x):
-        return rows(x, D).reshape(B, -1)
+        return times(x, inverse).reshape(x.shape[0], -1)
+
+    def fit(idx):
+        return idx if fits is None else fits[idx]
 
     split_y = optim.Split(
-        lambda y, idx: split.image(to_x(y, idx), idx),
-        lambda Z, y, idx: split.value(Z, to_x(y, idx), idx),
-        lambda Z, y, gl, idx: adjoint(split.gradient(Z, to_x(y, idx), gl, idx), idx),
+        lambda y, idx: split.image(to_x(y, idx), fit(idx)),
+        lambda Z, y, idx: split.value(Z, to_x(y, idx), fit(idx)),
+        lambda Z, y, gl, idx: adjoint(split.gradient(Z, to_x(y, idx), gl, fit(idx)), idx),
     )
-    return split_y, lambda y: to_x(y, torch.arange(B, device=y.device)), from_x
+    return split_y, to_x, from_x
 
 
 def _scale_search(
@@ -355,17 +425,10 @@ def _fit_context(
             t = _scale_search(L0, ans, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
         first = None
-        tol = SYMMETRIC_PHASE_TOL
-        if obj.symmetric is not None and tol is not None and (paper is not None or rel_tol < tol):
-            split_y, to_x, from_x = obj.symmetric
-            first = optim.lbfgs(
-                split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=tol,
-                progress=None if progress is None else _all_active(progress, len(lams)),
-            )  # fmt: skip
-            x0 = to_x(first.x)
-            done = int(first.iterations.max())
-            if progress is not None:
-                progress = _shifted(progress, done)
+        if obj.symmetric is not None and _symmetric_phase(paper, rel_tol):
+            x0, first, progress = _symmetric_phases(
+                obj, x0, max_iter, rel_tol, history, progress, paper, len(lams)
+            )
         res = optim.lbfgs(
             obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol,
             progress=progress, paper=paper,
@@ -396,6 +459,56 @@ def _fit_context(
         else:
             fits.append(FittedProbe(spec, lam_b, "matrix", p, M=param, P=P, mu=mu, **common))
     return fits
+
+
+def _symmetric_phase(paper: optim.PaperStop | None, rel_tol: float) -> bool:
+    """Whether a reduced fit starts with the symmetric phase: under the paper rule, and under the
+    optimum rule when its own test is tighter than the phase's."""
+    tol = SYMMETRIC_PHASE_TOL
+    return tol is not None and (paper is not None or rel_tol < tol)
+
+
+def _symmetric_phases(obj, x0, max_iter, rel_tol, history, progress, paper, n):
+    """The symmetric phase from x0, and the adapted phase for the fits that leave it at
+    ADAPT_AFTER (docs/exact-fit.md, "Adapted phase"). Returns the column coordinates x at their
+    end, the phases' result (iterations and evaluations summed over both) and ``progress``
+    shifted past them."""
+    split_y, to_x, from_x = obj.symmetric
+    end = SYMMETRIC_PHASE_TOL if paper is not None else max(ADAPTED_PHASE_TOL, rel_tol)
+    adapt = ADAPT_AFTER is not None and ADAPT_AFTER > SYMMETRIC_PHASE_TOL
+    scales: dict[int, torch.Tensor] = {}
+
+    def decide(y, idx, iterations):
+        ok, scale = obj.adapted_scale(to_x(y, idx), idx, iterations)
+        scales.update(zip(idx[ok].tolist(), scale, strict=True))
+        return ok
+
+    base = progress
+    first = optim.lbfgs(
+        split_y, from_x(x0), max_iter=max_iter, history=history, rel_tol=SYMMETRIC_PHASE_TOL,
+        progress=None if base is None else _all_active(base, n),
+        release=(ADAPT_AFTER, decide) if adapt else None,
+    )  # fmt: skip
+    x = to_x(first.x)
+    if scales:  # the adapted phase, for the fits that left the symmetric phase for it
+        order = sorted(scales)
+        fits = torch.tensor(order, device=x.device)
+        # (stacked once the symmetric phase's curvature pairs are freed)
+        scale = torch.stack([scales[b] for b in order])
+        scales.clear()
+        split_a, to_xa, from_xa = obj.adapted(scale, fits)
+        offset = int(first.iterations.max())
+        part = optim.lbfgs(
+            split_a, from_xa(x[fits]), max_iter=max_iter, history=history, rel_tol=end,
+            progress=None if base is None else _all_active(_shifted(base, offset), n),
+            caps=max_iter - first.iterations[fits],
+        )  # fmt: skip
+        x[fits] = to_xa(part.x)
+        first.iterations[fits] += part.iterations
+        first.evaluations[fits] += part.evaluations
+    if base is not None:
+        progress = _shifted(base, int(first.iterations.max()))
+    return x, first, progress
 
 
 def _all_active(progress: Callable[[int, int], None], n: int) -> Callable[[int, int], None]:
