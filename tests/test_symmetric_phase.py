@@ -224,11 +224,11 @@ def test_the_adapted_scale_is_the_curvature_of_the_gradient_term():
     g_m = torch.tensor([[0.5, -0.01, 0.0]], dtype=F64)
     lam = torch.tensor([0.1], dtype=F64)
     D = torch.tensor([[1.0, 2.0, 4.0]], dtype=F64)
-    scale = objective._adapted_scale(g_m, lam, D)
+    scale = objective._adapted_scale(g_m + lam[:, None], lam, D)
     a = torch.tensor([0.6, 0.09, 0.1], dtype=F64)
     want = (a[:, None] + a[None, :]).rsqrt() * D[0][None, :]
     torch.testing.assert_close(scale[0], want)
-    floored = objective._adapted_scale(torch.tensor([[-5.0, 1.0]], dtype=F64), lam, D[:, :2])
+    floored = objective._adapted_scale(torch.tensor([[-4.9, 1.1]], dtype=F64), lam, D[:, :2])
     assert float(floored[0, 0, 0]) == pytest.approx((2 * 0.01) ** -0.5 * 1.0)
 
 

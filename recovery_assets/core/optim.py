@@ -328,7 +328,6 @@ def lbfgs(
                     asked[ai] = True
                     go = ai[decide(x_new[ai], ids[ai], iters[ids[ai]] + 1)]
                     released[ids[go]] = True
-                    done = done.clone()
                     done[go] = True
         else:
             step = t * d.abs().amax(-1)  # the step's largest entry (t > 0)

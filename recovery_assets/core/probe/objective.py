@@ -262,7 +262,7 @@ def _objective(
             a = g_m.to(torch.float64) + lam[idx].to(torch.float64)[:, None]
             ok = (lam[idx] > 0) & (iterations >= ADAPT_MIN_ITER)
             ok &= (a > 0).all(-1) & torch.isfinite(a).all(-1)
-            return ok, _adapted_scale(g_m[ok], lam[idx][ok], D[idx][ok])
+            return ok, _adapted_scale(a[ok], lam[idx][ok], D[idx][ok])
 
         def adapted(scale, fits):
             return _symmetric(split, scale, 1.0 / scale, q, fits)
@@ -272,15 +272,15 @@ def _objective(
     return obj
 
 
-def _adapted_scale(g_m: torch.Tensor, lam: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+def _adapted_scale(a: torch.Tensor, lam: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """The adapted phase's coordinates (docs/exact-fit.md, "Adapted phase"): A = Omega * y
-    elementwise for symmetric y, Omega_ij = (a_i + a_j)^-1/2 with a_e = g_e + lambda, the part of
+    elementwise for symmetric y, Omega_ij = (a_i + a_j)^-1/2 with a (k, q) float64,
+    a_e = g_e + lambda, the part of
     the objective's diagonal curvature over symmetric A that the data term's gradient g_M with
     respect to M = A^T A and the penalty give (the Gauss-Newton part is left out: with it the
     realistic fits take 1.3-2.8x the iterations), floored at lambda / 10 and at 1e-6 of the
     largest (a fit takes the phase only if every a_e > 0 before the floor). Returns the
     (k, q, q) scale of ``_symmetric``: x = A D = y * Omega * D."""
-    a = g_m.to(torch.float64) + lam.to(torch.float64)[:, None]
     floor = torch.maximum(0.1 * lam.to(torch.float64), 1e-6 * a.abs().amax(-1))
     a = torch.maximum(a, floor.clamp_min(1e-30)[:, None])
     omega = torch.rsqrt(a[:, :, None] + a[:, None, :])
