@@ -328,9 +328,13 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
     sparse = fit_probes(problems, spec, **kw)
     for problem, fd, fs in zip(problems, dense, sparse, strict=True):
         for lam, a, b in zip(problem.lams, fd, fs, strict=True):
+            assert a.converged and b.converged
             args = (problem.features, problem.triplets, problem.answers, lam, spec)
+            # random answers at lambda = 1e-3 are near separable: the valley is flat and the two
+            # roundings stop the 1e-7 test a few 1e-6 apart (3e-6 seen); elsewhere they agree to
+            # 1e-9
             assert probe_objective(b.matrix(), *args) == pytest.approx(
-                probe_objective(a.matrix(), *args), rel=1e-6
+                probe_objective(a.matrix(), *args), rel=1e-5 if lam < 1e-2 else 1e-8
             )
 
 

@@ -57,6 +57,11 @@ RESYNC = 25  # iterations between exact recomputations of the linear image K x
 # the realistic benchmark problems and save about 10% per iteration on a single fit and 17% on
 # the 132-fit job's batches (docs/performance.md, "L-BFGS history").
 HISTORY = 5
+# A ``Split`` with a ray takes its ray step once the problem's last relative change is below
+# RAY_AFTER: while the steps are large, moving along the ray too disturbs the curvature pairs
+# more than it gains (on the realistic p = 1,024 problems at exponent -1.0: 130 iterations with
+# the step from the start, 109 with this gate; docs/performance.md, "The ray step").
+RAY_AFTER = 1e-4
 # On the CPU, rows of at least DOT_LOOP_MIN entries take one BLAS dot each: torch.linalg.vecdot
 # forms the product first and takes about twice as long (117 against 65 us at 774,400 entries).
 DOT_LOOP_MIN = 2**17
@@ -74,6 +79,11 @@ class Split:
     image: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     value: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
     gradient: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # ``ray(aux, idx)`` -> (t, f, aux) (optional): the best point c x, c = sqrt(t), on the ray
+    # through the points whose ``value`` gave ``aux``, its objective and its aux, from ``aux``
+    # alone (no product with K); for objectives whose value along the ray is known in closed
+    # form (the probe's: logits scale by c^2, its penalties are homogeneous). None: no ray step.
+    ray: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None
 
     @classmethod
     def plain(cls, fg: Objective) -> Split:
@@ -170,6 +180,10 @@ def lbfgs(
     batched tensor operations on the active set. ``paper``: stop by the published fits' rule
     instead of ``rel_tol`` (see the module docstring). ``caps`` (B,): each problem's own
     iteration cap (at most ``max_iter``); a problem that reaches it is not converged.
+    A ``Split`` with a ``ray`` takes a ray step after every accepted step once the problem's
+    previous relative change is below ``RAY_AFTER``: the point moves along the ray through it to
+    the best point there (when that is lower), before the gradient is taken; the curvature pair
+    is the whole move's (docs/exact-fit.md, "Ray step").
     ``release`` (optimum rule only): ``(tol, decide)``. When a problem's relative change has been
     below ``tol`` (looser than ``rel_tol``) on two consecutive iterations, ``decide(x, idx,
     iterations)`` is asked once, for all problems reaching that point in one iteration at once
@@ -209,6 +223,7 @@ def lbfgs(
     run_ev = torch.zeros(B, dtype=torch.long, device=dev)
     run_end = torch.full((B,), float("nan"), device=dev, dtype=dt)
 
+    last_rel = torch.full((B,), float("inf"), device=dev, dtype=f.dtype)
     bad_start = ~torch.isfinite(f)  # e.g. float32 overflow: nothing can be fitted from here
     done = (g.abs().amax(-1) <= (paper.grad_tol if paper else grad_tol)) | bad_start
     for it in range(max_iter + 1):
@@ -219,6 +234,7 @@ def lbfgs(
             converged[ids[done]] = True
             keep = ~leave
             ids, x, f, g, z = ids[keep], x[keep], f[keep], g[keep], z[keep]
+            last_rel = last_rel[keep]
             s_hist, y_hist, rho = s_hist[:, keep], y_hist[:, keep], rho[:, keep]
             gamma, small, fresh = gamma[keep], small[keep], fresh[keep]
             small_r, asked = small_r[keep], asked[keep]
@@ -294,6 +310,10 @@ def lbfgs(
             stalled |= quiet
             evals[ids[quiet]] -= 1  # torch stops before its line search: nothing evaluated
         moved = ~stalled
+        if split.ray is not None and moved.any():
+            gate = moved & (last_rel < RAY_AFTER)
+            if gate.any():
+                _ray_step(split.ray, gate, ids, x_new, z_new, f_new, aux_new)
         if moved.all():  # the gradient only at the accepted points
             g_new = split.gradient(z_new, x_new, aux_new, ids)
         else:
@@ -335,6 +355,7 @@ def lbfgs(
                 paper, f, f_new, g_new, evals[ids] - ev_before, run_it, run_ev, run_end, step
             )
             done |= stalled
+        last_rel = _rel_change(f, f_new)
         x, z, f, g = x_new, z_new, f_new, g_new
         fresh = torch.zeros_like(fresh)
         iters[ids] += 1
@@ -346,6 +367,29 @@ def lbfgs(
         out_x[ids], out_f[ids] = x, f
     converged &= torch.isfinite(out_f)
     return OptimResult(out_x, out_f, iters, evals, converged, released)
+
+
+def _ray_step(ray: Callable, moved, ids, x, z, f, aux) -> None:
+    """Move the ``moved`` rows of (x, z, f, aux) in place to the best point on their rays, where
+    that is lower than f (``Split.ray``)."""
+    mi = moved.nonzero().squeeze(-1)
+    t, f_r, aux_r = ray(aux[mi], ids[mi])
+    take = torch.isfinite(f_r) & (f_r < f[mi]) & (t != 1)
+    if not bool(take.any()):
+        return
+    if bool(take.all()) and mi.numel() == x.shape[0]:  # every row (one fit: no indexing)
+        c = torch.sqrt(t).to(x.dtype)
+        x.mul_(c[:, None])
+        z.mul_(_bcast(c, z))
+        f.copy_(f_r)
+        aux.copy_(aux_r)
+        return
+    rows = mi[take]
+    c = torch.sqrt(t[take]).to(x.dtype)
+    x[rows] *= c[:, None]
+    z[rows] *= _bcast(c, z)
+    f[rows] = f_r[take]
+    aux[rows] = aux_r[take]
 
 
 def _paper_step(rule: PaperStop, f, f_new, g_new, evaluated, run_it, run_ev, run_end, step=None):

@@ -222,10 +222,11 @@ def fit_probes(
 
     def fit_bytes(members):
         """Memory of one fit of a batch of these problems: history, iterates, the adapted
-        phase's scale, Gram, logits."""
+        phase's scale, Gram, logits (float64, 3 per triplet, kept as the current point's, the
+        accepted step's and a trial's aux, and the gradient's)."""
         q, n, N = padded(members)
         size = contexts[members[0]].X.element_size()
-        return ((2 * history + 9) * q * q + 4 * n * n + 8 * N) * size
+        return ((2 * history + 9) * q * q + 4 * n * n) * size + 4 * 3 * 8 * N
 
     def limit_for(members):
         q, n, N = padded(members)

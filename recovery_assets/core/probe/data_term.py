@@ -166,8 +166,11 @@ def _sparse_patterns(trip: torch.Tensor, n: int, device: torch.device) -> list |
     return patterns if sparse else None
 
 
-def _choice_gradient(logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, dtype):
-    """Weighted cross-entropy of (B, N, 3) float64 logits and its gradient w.r.t. the logits.
+def _choice_gradient(
+    logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, dtype, gradient: bool = True
+):
+    """Weighted cross-entropy of (B, N, 3) float64 logits and its gradient w.r.t. the logits
+    (None unless ``gradient``).
 
     The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start (tiny
     features, logits ~1e-8) its changes are far below float32 resolution, and the optimiser's
@@ -183,6 +186,8 @@ def _choice_gradient(logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, d
     ww = w.expand(B, -1).to(torch.float64)
     logp_a = (logits.gather(-1, a) - m - total.log()).squeeze(-1)
     loss = -(ww * logp_a).sum(-1)
+    if not gradient:
+        return loss, None
     gl = e.div_(total)
     gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
     return loss, (gl * ww.unsqueeze(-1)).to(dtype)
@@ -215,13 +220,14 @@ def _data_term(
     batch's pair pattern) S is sampled at the pairs and G + G^T is a sparse matrix: the same values
     for a fraction of the work.
     """
-    loss, gl = _data_value(Z, pidx, ans, w, sparse)
+    loss, gl = _choice_gradient(_triplet_logits(Z, pidx, sparse), ans, w, Z.dtype)
     return loss, _data_backward(Z, gl, pidx, sparse)
 
 
 def _data_value(Z, pidx, ans, w, sparse: _BlockPattern | None = None):
-    """The weighted cross-entropy and its gradient with respect to the (B, N, 3) logits."""
-    return _choice_gradient(_triplet_logits(Z, pidx, sparse), ans, w, Z.dtype)
+    """The weighted cross-entropy and the (B, N, 3) float64 logits it was taken from."""
+    logits = _triplet_logits(Z, pidx, sparse)
+    return _choice_gradient(logits, ans, w, Z.dtype, gradient=False)[0], logits
 
 
 def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None, pidx_t=None):

@@ -23,6 +23,7 @@ import torch
 from recovery_assets.core import optim
 from recovery_assets.core.probe.data_term import (
     _BlockPattern,
+    _choice_gradient,
     _data_backward,
     _data_value,
     _sparse_patterns,
@@ -60,6 +61,12 @@ SYMMETRIC_PHASE_TOL: float | None = 1e-5
 # SYMMETRIC_PHASE_TOL. ADAPT_AFTER None: no adapted phase.
 ADAPT_AFTER: float | None = 1e-4
 ADAPT_MIN_ITER = 10
+# The ray step (docs/exact-fit.md, "Ray step"): after every accepted L-BFGS step, the exact
+# minimum along the ray through the new point (all of W scaled by c), found from its logits by at
+# most RAY_STEPS Newton steps in t = c^2 within [1 / RAY_BOUND, RAY_BOUND]. False: none.
+RAY_STEP = True
+RAY_STEPS = 6
+RAY_BOUND = 4.0
 
 
 def precond_flat(lam: float) -> float:
@@ -197,30 +204,47 @@ def _objective(
 
     # The objective split at its linear image Z = model(x), for L-BFGS (optim.Split): the line
     # search's trial points need only the data term's value at Z (no matmul); the gradient's
-    # matmul is taken at the accepted point only. ``smooth`` is the same objective in one call.
+    # matmul is taken at the accepted point only. A value's aux is its float64 logits and
+    # lambda R (``_pack``): the gradient needs the logits, the ray step both ("Ray step": logits
+    # scale by c^2 along the ray, the penalty by c^degree). ``smooth``: the objective in one call.
     def value(Z, x, idx):
         pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
-        loss, gl = _data_value(Z, pidx, ans, w, block(idx))
+        loss, logits = _data_value(Z, pidx, ans, w, block(idx))
+        pen_v = torch.zeros_like(loss)
         if penalised:
             v, _ = pen(x, idx, grad=False)
-            loss = loss + (lam[idx] * v).to(torch.float64)
-        return loss, gl
+            pen_v = (lam[idx] * v).to(torch.float64)
+        return loss + pen_v, _pack(logits, pen_v)
 
-    def gradient(Z, x, gl, idx):
+    def logit_gradient(aux, idx):
+        """The data term's gradient with respect to the logits packed in ``aux``."""
+        return _choice_gradient(_unpack(aux)[0], sel(ctx.ans, idx), sel(ctx.w, idx), dt)[1]
+
+    def gradient(Z, x, aux, idx):
         dense_t = None if pidx_t is None else sel(pidx_t, idx)
-        dZ = _data_backward(Z, gl, sel(ctx.pidx, idx), block(idx), dense_t)
+        dZ = _data_backward(Z, logit_gradient(aux, idx), sel(ctx.pidx, idx), block(idx), dense_t)
         g = back(dZ, x, idx)
         if penalised:
             _, gp = pen(x, idx)
             g = g.addcmul_(lam[idx, None], gp)
         return g
 
-    split = optim.Split(model, value, gradient)
+    power = P.degree(family) / 2  # the penalty's degree in t = c^2
+
+    def ray(aux, idx):
+        L, pen_v = _unpack(aux)
+        ans, w = sel(ctx.ans, idx), sel(ctx.w, idx)
+        t = _ray_search(L, ans, w, pen_v, power)
+        Lt, pen_t = L * t[:, None, None], pen_v * t**power
+        f = _choice_gradient(Lt, ans, w, dt, gradient=False)[0] + pen_t
+        return t, f, _pack(Lt, pen_t)
+
+    split = optim.Split(model, value, gradient, ray if RAY_STEP else None)
 
     def smooth(x, idx):
         Z = split.image(x, idx)
-        loss, gl = value(Z, x, idx)
-        return loss, gradient(Z, x, gl, idx)
+        loss, aux = value(Z, x, idx)
+        return loss, gradient(Z, x, aux, idx)
 
     def unpack(xb, b=0):
         if family == "diagonal":
@@ -247,9 +271,10 @@ def _objective(
             (rows of fits idx), U^T G U with dL/dS = G at the pairs (dL/dZ = (G + G^T) Z, here
             with Z -> U)."""
             Z = model(x, idx)
-            _, gl = value(Z, x, idx)
+            _, aux = value(Z, x, idx)
             U = sel(Xg, idx).expand(idx.numel(), -1, -1)
             dense_t = None if pidx_t is None else sel(pidx_t, idx)
+            gl = logit_gradient(aux, idx)
             GU = _data_backward(U, gl, sel(ctx.pidx, idx), block(idx), dense_t)
             return 0.5 * (U * GU).sum(1)
 
@@ -314,11 +339,20 @@ def _symmetric(
     def sym(a: torch.Tensor) -> torch.Tensor:
         return (a + a.transpose(1, 2)).mul_(0.5)
 
+    every = torch.arange(scale.shape[0], device=scale.device)
+
+    def rows(idx):
+        """scale's rows for ``idx``, without a copy when they are all of them in order (the
+        adapted phase's scale is k x q x q: copied three times an iteration it cost several
+        percent of a p = 1,024 fit's time)."""
+        whole = idx is None or (idx.numel() == every.numel() and bool((idx == every).all()))
+        return scale if whole else scale[idx]
+
     def to_x(y, idx=None):
-        return times(y, scale if idx is None else scale[idx]).reshape(y.shape[0], -1)
+        return times(y, rows(idx)).reshape(y.shape[0], -1)
 
     def adjoint(g, idx):  # the gradient in y of f(x(y)), projected onto symmetric y
-        return sym(times(g, scale[idx])).reshape(g.shape[0], -1)
+        return sym(times(g, rows(idx))).reshape(g.shape[0], -1)
 
     def from_x(x):
         return times(x, inverse).reshape(x.shape[0], -1)
@@ -329,7 +363,8 @@ def _symmetric(
     split_y = optim.Split(
         lambda y, idx: split.image(to_x(y, idx), fit(idx)),
         lambda Z, y, idx: split.value(Z, to_x(y, idx), fit(idx)),
-        lambda Z, y, gl, idx: adjoint(split.gradient(Z, to_x(y, idx), gl, fit(idx)), idx),
+        lambda Z, y, aux, idx: adjoint(split.gradient(Z, to_x(y, idx), aux, fit(idx)), idx),
+        None if split.ray is None else lambda aux, idx: split.ray(aux, fit(idx)),
     )
     return split_y, to_x, from_x
 
@@ -358,19 +393,8 @@ def _scale_search(
     optimiser's first step: without it, at large lambda the stiff penalty makes L-BFGS steps
     tiny along the free scale and it stops far from the optimum.
     """
-    B = L0.shape[0]
-    a = ans.expand(B, -1).unsqueeze(-1)
-    La = L0.gather(-1, a).squeeze(-1)
-    ww = w.expand(B, -1).to(torch.float64)
-    pen = (lam.to(torch.float64) * v0.to(torch.float64)).reshape(B)
-
-    def slope(t: torch.Tensor, curvature: bool = False):
-        P = torch.softmax(t[:, None, None] * L0, dim=-1)
-        PL = P * L0
-        m1 = PL.sum(-1)
-        g = (ww * (m1 - La)).sum(-1) + pen
-        return (g, (ww * ((PL * L0).sum(-1) - m1 * m1)).sum(-1)) if curvature else g
-
+    pen = lam.to(torch.float64) * v0.to(torch.float64)
+    slope = _ray_slope(L0, ans, w, pen.reshape(L0.shape[0]), 1.0)
     lo, hi = torch.zeros_like(pen), torch.ones_like(pen)
     while True:
         grow = (slope(hi) < 0) & (hi < bounds[1])
@@ -393,6 +417,91 @@ def _scale_search(
         t = torch.where(done, t, nxt)
         done = done | settled
     return t.clamp(*bounds)
+
+
+def _ray_slope(L: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, pen: torch.Tensor, power):
+    """phi'(t) (and phi''(t) with ``curvature``) of phi(t) = CE(t L) + pen t^power per fit: the
+    objective along the ray through logits L (B, N, 3) float64 with penalty term pen (B,).
+
+    With delta the two other logits less the answer's, CE(t L) = log(1 + sum exp(t delta)) per
+    triplet: its slope is E_P[delta] (= E_P[L] - L[answer]), its curvature Var_P[delta] >= 0
+    (weighted sums over the triplets). Written out over the two deltas: torch's softmax and
+    sums over a last dimension of 3 or 2 take several times as long, and this runs a few times
+    per iteration."""
+    B = L.shape[0]
+    a = ans.expand(B, -1).unsqueeze(-1)
+    La = L.gather(-1, a).squeeze(-1)
+    d1 = L.gather(-1, (a + 1) % 3).squeeze(-1) - La  # (B, N) each
+    d2 = L.gather(-1, (a + 2) % 3).squeeze(-1) - La
+    ww = w.expand(B, -1).to(torch.float64)
+
+    def slope(t: torch.Tensor, curvature: bool = False):
+        u1, u2 = t[:, None] * d1, t[:, None] * d2
+        m = torch.maximum(u1, u2).clamp_min_(0)  # the answer's own term is exp(0)
+        e1, e2 = (u1 - m).exp_(), (u2 - m).exp_()
+        z = m.neg_().exp_().add_(e1).add_(e2)
+        pd1, pd2 = e1.div_(z).mul_(d1), e2.div_(z).mul_(d2)  # p_j delta_j
+        m1 = pd1 + pd2
+        g = torch.linalg.vecdot(ww, m1) + pen * power * t ** (power - 1)
+        if not curvature:
+            return g
+        var = pd1.mul_(d1).add_(pd2.mul_(d2)).sub_(m1.mul_(m1))
+        h = torch.linalg.vecdot(ww, var)
+        return g, h + pen * power * (power - 1) * t ** (power - 2)
+
+    return slope
+
+
+def _ray_search(
+    L: torch.Tensor,
+    ans: torch.Tensor,
+    w: torch.Tensor,
+    pen: torch.Tensor,
+    power: float,
+    steps: int = RAY_STEPS,
+    bound: float = RAY_BOUND,
+    rel_tol: float = 1e-7,
+) -> torch.Tensor:
+    """The ray step's t (docs/exact-fit.md, "Ray step"): argmin over t in [1 / bound, bound] of
+    phi(t) = CE(t L) + pen t^power per fit, from t = 1 (the current point). phi is convex in t
+    (a cross-entropy of logits linear in t, pen >= 0, power >= 1): Newton steps on phi', kept
+    inside the bracket that the signs of phi' have narrowed (a step past a side that is still the
+    bound goes to the bound, where a slope pointing outwards ends the search; else the bracket is
+    bisected), at most ``steps`` of them, until a step is below ``rel_tol`` (Newton's error is
+    then of its square); near the optimum the ray's best t is close to 1 and 2-3 steps settle
+    it.
+    The caller keeps t only where it lowers the objective."""
+    slope = _ray_slope(L, ans, w, pen, power)
+    t = torch.ones_like(pen)
+    lo, hi = torch.full_like(pen, 1.0 / bound), torch.full_like(pen, bound)
+    done = torch.zeros_like(pen, dtype=torch.bool)
+    for _ in range(steps):
+        g, h = slope(t, curvature=True)
+        pinned = ((t >= bound) & (g <= 0)) | ((t <= 1.0 / bound) & (g >= 0))  # a bound's best
+        lo, hi = torch.where(g <= 0, t, lo), torch.where(g > 0, t, hi)
+        newton = t - g / h
+        settled = (newton - t).abs() <= rel_tol * t  # at the root (False for a NaN step)
+        inside = (newton > lo) & (newton < hi)
+        # past a side of the bracket that is still the bound: to the bound (else bisect)
+        past = ((newton >= hi) & (hi >= bound)) | ((newton <= lo) & (lo <= 1.0 / bound))
+        nxt = torch.where(past, newton.clamp(1.0 / bound, bound), (lo + hi) / 2)
+        nxt = torch.where(inside | settled, newton, nxt)
+        t = torch.where(done | pinned, t, nxt)
+        done = done | settled | pinned
+        if bool(done.all()):
+            break
+    return t
+
+
+def _pack(logits: torch.Tensor, pen: torch.Tensor) -> torch.Tensor:
+    """A value's aux: the (B, N, 3) float64 logits and lambda R (B,) as one (B, 3N + 1) row each
+    (the optimiser indexes and stores aux as one tensor)."""
+    return torch.cat([logits.reshape(logits.shape[0], -1), pen[:, None]], 1)
+
+
+def _unpack(aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, N, 3), lambda R (B,)) of ``_pack``."""
+    return aux[:, :-1].reshape(aux.shape[0], -1, 3), aux[:, -1]
 
 
 def _fit_context(

@@ -72,6 +72,10 @@ class Penalty:
         """
         raise NotImplementedError(f"the {self.name} penalty has no smooth part")
 
+    def degree(self, family: str) -> int:
+        """k with R(c W) = c^k R(W) in the family's parameter (the ray step's closed form)."""
+        return 2
+
     def scale(self, A: torch.Tensor) -> float:
         """The profiled d of a reduced fit W = V A V^T + d (I - V V^T) (docs/exact-fit.md)."""
         raise NotImplementedError(f"the {self.name} penalty is not rotation invariant")
@@ -107,6 +111,9 @@ class Shrinkage(Penalty):
                 return _square_shrinkage(M, dim(idx), diag_mask(idx))
 
         return term
+
+    def degree(self, family):
+        return 4 if family == "rank" else 2  # rank:k: acts on W^T W
 
     def scale(self, A):
         return float(torch.trace(A) / A.shape[0])
@@ -150,6 +157,9 @@ class L1(Penalty):
     name = "l1"
     smooth = False
     rotation_invariant = False
+
+    def degree(self, family):
+        return 1
 
     def reference(self, M, family):
         return M.abs().sum()
