@@ -197,3 +197,22 @@ def test_fits_with_the_ray_step_reach_the_optimum_of_fits_without_it(monkeypatch
         with_ray[0].iterations,
         without[0].iterations,
     )
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "rank"])
+def test_every_penalty_states_its_true_degree(family):
+    """R(c W) = c^degree R(W) for every penalty, on its plain formula (the ray step's closed form
+    relies on it; a penalty that does not state its degree is refused, not given a default)."""
+    from recovery_assets.core.probe.penalties import PENALTY, Penalty
+
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(3 if family == "rank" else 6, 6, generator=g, dtype=F64)
+    M = M[:, 0] if family == "diagonal" else M
+    for pen in PENALTY.values():
+        k = pen.degree(family)
+        for c in (0.5, 3.0):
+            torch.testing.assert_close(
+                pen.reference(c * M, family), c**k * pen.reference(M, family), rtol=1e-12, atol=0
+            )
+    with pytest.raises(NotImplementedError, match="degree"):
+        Penalty().degree(family)

@@ -73,8 +73,9 @@ class Penalty:
         raise NotImplementedError(f"the {self.name} penalty has no smooth part")
 
     def degree(self, family: str) -> int:
-        """k with R(c W) = c^k R(W) in the family's parameter (the ray step's closed form)."""
-        return 2
+        """k with R(c W) = c^k R(W) in the family's parameter (the ray step's closed form: a
+        wrong k would make the ray step's objective wrong, so each penalty states its own)."""
+        raise NotImplementedError(f"the {self.name} penalty does not state its degree")
 
     def scale(self, A: torch.Tensor) -> float:
         """The profiled d of a reduced fit W = V A V^T + d (I - V V^T) (docs/exact-fit.md)."""
@@ -141,6 +142,9 @@ class Frobenius(Penalty):
             return _vecdot(M, M), M
 
         return term
+
+    def degree(self, family):
+        return 2
 
     def scale(self, A):
         return 0.0
