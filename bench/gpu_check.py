@@ -82,7 +82,11 @@ def _fit(problems, spec, device, sparse: bool):
 
     Returns (fits, seconds, whether the sparse data term was used)."""
     mods = _probe_modules()
-    saved = [(m, m.SPARSE_DEVICES, m.SPARSE_RATIO) for m in mods if "SPARSE_DEVICES" in vars(m)]
+    saved = [
+        (m, m.SPARSE_DEVICES, m.SPARSE_RATIO, m.SAMPLE_RATIO)
+        for m in mods
+        if "SPARSE_DEVICES" in vars(m)
+    ]
     block = next(vars(m)["_BlockPattern"] for m in mods if "_BlockPattern" in vars(m))
     of = block.__dict__["of"]  # the classmethod object, restored as it was
     kind = torch.device(device).type
@@ -92,9 +96,9 @@ def _fit(problems, spec, device, sparse: bool):
         used.append(1)
         return of.__func__(cls, *a, **k)
 
-    for m, devices, _ in saved:
+    for m, devices, _, _ in saved:
         m.SPARSE_DEVICES = tuple({*devices, kind}) if sparse else tuple(set(devices) - {kind})
-        m.SPARSE_RATIO = 0 if sparse else 10**6  # nnz * ratio < n^2: always / never
+        m.SPARSE_RATIO = m.SAMPLE_RATIO = 0 if sparse else 10**6  # always / never sparse
     block.of = classmethod(counted)
     try:
         _sync(device)
@@ -103,8 +107,8 @@ def _fit(problems, spec, device, sparse: bool):
         _sync(device)
         return fits, time.perf_counter() - t0, bool(used)
     finally:
-        for m, devices, ratio in saved:
-            m.SPARSE_DEVICES, m.SPARSE_RATIO = devices, ratio
+        for m, devices, ratio, sample in saved:
+            m.SPARSE_DEVICES, m.SPARSE_RATIO, m.SAMPLE_RATIO = devices, ratio, sample
         block.of = of
 
 

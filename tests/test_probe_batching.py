@@ -19,6 +19,7 @@ from recovery_assets.core.probe import (
     data_term,
     fit_probes,
     kernels,
+    objective,
     probe_objective,
     reduction,
 )
@@ -322,20 +323,80 @@ def test_sparse_and_dense_fits_agree(monkeypatch, single_thread):
         problems.append(FitProblem(X, trip, rng.integers(0, 3, 120), [1e-3, 1e-1]))
     spec = ProbeSpec.parse("full", "shrinkage")
     kw = dict(device="cpu", dtype=torch.float64, max_iter=300)
-    monkeypatch.setattr(data_term, "SPARSE_RATIO", 10**6)  # nnz * ratio < n^2 never holds: dense
+    spy = _DataTermSpy(monkeypatch)
+    # nnz * ratio < n^2 never holds: dense
+    monkeypatch.setattr(data_term, "SAMPLE_RATIO", 10**6)
+    monkeypatch.setattr(data_term, "SPARSE_RATIO", 10**6)
     dense = fit_probes(problems, spec, **kw)
+    assert spy.paths() == {("gram", "dense")}
+    # S sampled at the pairs, the gradient dense: the mixed path (n = 60 >= 2 GRAM_ROWS here)
+    monkeypatch.setattr(data_term, "SAMPLE_RATIO", 0)
+    monkeypatch.setattr(kernels, "GRAM_ROWS", 16)
+    mixed = fit_probes(problems, spec, **kw)
+    assert spy.paths() == {("sampled", "dense")}
     monkeypatch.setattr(data_term, "SPARSE_RATIO", 0)  # always holds: sparse (6 N < n^2 here)
     sparse = fit_probes(problems, spec, **kw)
-    for problem, fd, fs in zip(problems, dense, sparse, strict=True):
-        for lam, a, b in zip(problem.lams, fd, fs, strict=True):
-            assert a.converged and b.converged
+    assert spy.paths() == {("sampled", "sparse")}
+    for problem, fd, fm, fs in zip(problems, dense, mixed, sparse, strict=True):
+        for lam, a, *others in zip(problem.lams, fd, fm, fs, strict=True):
             args = (problem.features, problem.triplets, problem.answers, lam, spec)
-            # random answers at lambda = 1e-3 are near separable: the valley is flat and the two
-            # roundings stop the 1e-7 test a few 1e-6 apart (3e-6 seen); elsewhere they agree to
-            # 1e-9
-            assert probe_objective(b.matrix(), *args) == pytest.approx(
-                probe_objective(a.matrix(), *args), rel=1e-5 if lam < 1e-2 else 1e-8
-            )
+            for b in others:
+                assert a.converged and b.converged
+                # random answers at lambda = 1e-3 are near separable: the valley is flat and the
+                # roundings stop the 1e-7 test a few 1e-6 apart (3e-6 seen); elsewhere they agree
+                # to 1e-9
+                assert probe_objective(b.matrix(), *args) == pytest.approx(
+                    probe_objective(a.matrix(), *args), rel=1e-5 if lam < 1e-2 else 1e-8
+                )
+
+
+class _DataTermSpy:
+    """Records which path the objective's data term takes: the logits from the Gram matrix or
+    sampled at the pairs, the gradient dense or sparse (``paths`` returns and clears them)."""
+
+    def __init__(self, monkeypatch):
+        self.seen = set()
+        self.logits = "gram"
+        value, backward = objective._data_value, objective._data_backward
+
+        def spy_value(Z, pidx, ans, w, sparse=None):
+            self.logits = "gram" if sparse is None else "sampled"
+            return value(Z, pidx, ans, w, sparse)
+
+        def spy_backward(Z, gl, pidx, sparse=None, pidx_t=None):
+            self.seen.add((self.logits, "dense" if sparse is None else "sparse"))
+            return backward(Z, gl, pidx, sparse, pidx_t)
+
+        monkeypatch.setattr(objective, "_data_value", spy_value)
+        monkeypatch.setattr(objective, "_data_backward", spy_backward)
+
+    def paths(self):
+        seen, self.seen = self.seen, set()
+        return seen
+
+
+def test_the_data_term_path_follows_the_share_of_pairs(monkeypatch):
+    """_sparse_patterns: dense from nnz * SAMPLE_RATIO >= n^2 or below 2 GRAM_ROWS concepts,
+    sampled logits with a dense gradient in between, sparse below nnz * SPARSE_RATIO < n^2."""
+    rng = np.random.default_rng(0)
+    n, cpu = 400, torch.device("cpu")
+    for N, ratios, expect in [
+        (2_000, (4, 8), (True, True)),  # nnz <= 12,000: nnz * 8 < 160,000
+        (5_000, (4, 8), (True, False)),  # nnz ~ 30,000: * 4 < 160,000 <= * 8
+        (5_000, (4, 4), (True, True)),
+        (5_000, (6, 8), (False, False)),  # nnz * 6 >= n^2
+    ]:
+        trip = torch.from_numpy(np.stack([rng.choice(n, 3, replace=False) for _ in range(N)]))
+        monkeypatch.setattr(data_term, "SAMPLE_RATIO", ratios[0])
+        monkeypatch.setattr(data_term, "SPARSE_RATIO", ratios[1])
+        nnz = data_term._pair_pattern(trip, n).rows.numel()
+        patterns, gradient = data_term._sparse_patterns(trip[None], n, cpu)
+        assert (patterns is not None, gradient) == expect, (N, ratios, nnz)
+        if expect == (True, False):  # fewer concepts than two Gram blocks: dense
+            monkeypatch.setattr(kernels, "GRAM_ROWS", n // 2 + 1)
+            assert data_term._sparse_patterns(trip[None], n, cpu) == (None, False)
+            monkeypatch.setattr(kernels, "GRAM_ROWS", 128)
+    assert data_term._sparse_patterns(trip[None], n, torch.device("meta")) == (None, False)
 
 
 def assert_same_optimum(fit, plain, d, lam, spec, pub_tol):

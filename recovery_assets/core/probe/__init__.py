@@ -62,6 +62,7 @@ from recovery_assets.core.probe import (
 )
 from recovery_assets.core.probe.batching import CPU_BATCH_FLOPS, FitProblem, fit_probes
 from recovery_assets.core.probe.data_term import (
+    SAMPLE_RATIO,
     SPARSE_DEVICES,
     SPARSE_RATIO,
     choice_metrics,
@@ -93,6 +94,7 @@ __all__ = [
     "PENALTY",
     "PRECOND_FLAT",
     "PRECOND_LAMBDA",
+    "SAMPLE_RATIO",
     "SPARSE_DEVICES",
     "SPARSE_RATIO",
     "TRI_MIN",
@@ -133,6 +135,7 @@ _HOMES = {
     "PENALTY": penalties,
     "PRECOND_FLAT": objective,
     "PRECOND_LAMBDA": objective,
+    "SAMPLE_RATIO": data_term,
     "SPARSE_DEVICES": data_term,
     "SPARSE_RATIO": data_term,
     "TRI_MIN": reduction,

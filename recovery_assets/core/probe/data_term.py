@@ -9,8 +9,8 @@ fixed pair pattern (``_PairPattern``, block-diagonal over a batch: ``_BlockPatte
 sparse-dense product (docs/exact-fit.md, "The data term: dense or sparse"). ``choice_metrics``:
 accuracy and NLL of given logits.
 
-SPARSE_RATIO and SPARSE_DEVICES are read at call time from this module (``_sparse_patterns``):
-change them here (``data_term.SPARSE_RATIO``), not on the package.
+SAMPLE_RATIO, SPARSE_RATIO and SPARSE_DEVICES are read at call time from this module
+(``_sparse_patterns``): change them here (``data_term.SPARSE_RATIO``), not on the package.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recovery_assets.core.probe import kernels
 from recovery_assets.core.probe.kernels import _bmm, _gram_lower
 
 
@@ -56,6 +57,16 @@ def logits_from_similarity(S: torch.Tensor, pidx: torch.Tensor) -> torch.Tensor:
 # product over both orientations. The pattern is fixed for a fit, so its CSR structure is built
 # once. Dense data (millions of human triplets) keeps the Gram matrix.
 SPARSE_RATIO = 8  # sparse when nnz * SPARSE_RATIO < n^2 (both orientations of each pair count)
+# Between the two, for problems whose Gram matrix is formed in row blocks (n >= 2 GRAM_ROWS), the
+# data term is mixed: S is sampled at the pairs (the logits, at every trial point of the line
+# search) while the gradient keeps the dense product (G + G^T) Z. Sampling pays from a larger share
+# of pairs than the sparse gradient: the SDDMM takes nnz / 2 dot products where the lower Gram
+# blocks take about 0.57 n^2 at several times its speed per product, while the sparse-dense product
+# takes nnz rows against the dense product's n^2 at about a fifth of its speed. The single fits'
+# 25,600 triplets over 865 concepts (nnz / n^2 = 0.19, q = 880, the 2-core CPU): logits 2.9 ms
+# sampled against 4.7 ms from the Gram blocks, gradient 8.9 ms sparse against 8.5 ms dense
+# (docs/performance.md, "Sampled logits").
+SAMPLE_RATIO = 4  # S sampled at the pairs when nnz * SAMPLE_RATIO < n^2 (and n >= 2 GRAM_ROWS)
 # Device types on which the sparse path is used. CUDA joins once `bench/gpu_check.py` has shown
 # that its sparse fits agree with the dense ones there and are faster.
 SPARSE_DEVICES = ("cpu",)
@@ -152,18 +163,25 @@ class _BlockPattern:
             )
 
 
-def _sparse_patterns(trip: torch.Tensor, n: int, device: torch.device) -> list | None:
-    """The groups' pair patterns when the sparse data term is used, else None (dense).
+def _sparse_patterns(trip: torch.Tensor, n: int, device: torch.device):
+    """(patterns, gradient): the groups' pair patterns when S is sampled at them, else None
+    (dense), and whether the gradient's (G + G^T) Z is the sparse product too.
 
-    ``trip`` (G, N, 3): each group's triplets over n local concepts. Sparse on SPARSE_DEVICES only:
-    on a GPU the dense matmuls are cheap, and the CUDA SDDMM path is not verified yet
+    ``trip`` (G, N, 3): each group's triplets over n local concepts; nnz: the largest group's
+    pairs, both orientations. The gradient is sparse (and S sampled) when nnz * SPARSE_RATIO <
+    n^2; S alone is sampled when nnz * SAMPLE_RATIO < n^2 and the Gram matrix would be formed in
+    row blocks (n >= 2 ``kernels.GRAM_ROWS``: below that it is cheap). Only on SPARSE_DEVICES: on
+    a GPU the dense matmuls are cheap, and the CUDA SDDMM path is not verified yet
     (bench/gpu_check.py does that). With 6N >= n^2 pair slots the pattern cannot be sparse unless
     triplets repeat heavily, so dense data (millions of human triplets) skips building it.
     """
-    maybe = device.type in SPARSE_DEVICES and 6 * trip.shape[1] < n**2
-    patterns = [_pair_pattern(trip[g], n) for g in range(trip.shape[0])] if maybe else []
-    sparse = maybe and max(p.rows.shape[0] for p in patterns) * SPARSE_RATIO < n**2
-    return patterns if sparse else None
+    if not (device.type in SPARSE_DEVICES and 6 * trip.shape[1] < n**2):
+        return None, False
+    patterns = [_pair_pattern(trip[g], n) for g in range(trip.shape[0])]
+    nnz = max(p.rows.shape[0] for p in patterns)
+    gradient = nnz * SPARSE_RATIO < n**2
+    sampled = gradient or (nnz * SAMPLE_RATIO < n**2 and n >= 2 * kernels.GRAM_ROWS)
+    return (patterns if sampled else None), gradient
 
 
 def _choice_gradient(

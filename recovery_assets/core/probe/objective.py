@@ -187,10 +187,10 @@ def _objective(
             return v, g.reshape(x.shape[0], -1)
 
     # the sparse data term: one pair pattern per group (None: dense; data_term._sparse_patterns),
-    # block-diagonal per set of active fits
+    # block-diagonal per set of active fits; S sampled at it, the gradient sparse or dense
     n_c = Xg.shape[1]
-    patterns = _sparse_patterns(ctx.trip, n_c, dev)
-    pidx_t = transposed_index(ctx.pidx, n_c) if patterns is None else None  # dense: G + G^T
+    patterns, sparse_gradient = _sparse_patterns(ctx.trip, n_c, dev)
+    pidx_t = None if sparse_gradient else transposed_index(ctx.pidx, n_c)  # dense: G + G^T
     blocks: dict[tuple, _BlockPattern] = {}
 
     def block(idx) -> _BlockPattern | None:
@@ -201,6 +201,12 @@ def _objective(
             blocks.clear()  # the active set only shrinks: older blocks are not needed again
             blocks[key] = _BlockPattern.of([patterns[g] for g in key], n_c)
         return blocks[key]
+
+    def backward(U, gl, idx):
+        """(G + G^T) U for the logits' gradient gl of fits idx: sparse or dense."""
+        sparse = block(idx) if sparse_gradient else None
+        dense_t = None if pidx_t is None else sel(pidx_t, idx)
+        return _data_backward(U, gl, sel(ctx.pidx, idx), sparse, dense_t)
 
     # The objective split at its linear image Z = model(x), for L-BFGS (optim.Split): the line
     # search's trial points need only the data term's value at Z (no matmul); the gradient's
@@ -221,9 +227,7 @@ def _objective(
         return _choice_gradient(_unpack(aux)[0], sel(ctx.ans, idx), sel(ctx.w, idx), dt)[1]
 
     def gradient(Z, x, aux, idx):
-        dense_t = None if pidx_t is None else sel(pidx_t, idx)
-        dZ = _data_backward(Z, logit_gradient(aux, idx), sel(ctx.pidx, idx), block(idx), dense_t)
-        g = back(dZ, x, idx)
+        g = back(backward(Z, logit_gradient(aux, idx), idx), x, idx)
         if penalised:
             _, gp = pen(x, idx)
             g = g.addcmul_(lam[idx, None], gp)
@@ -273,9 +277,7 @@ def _objective(
             Z = model(x, idx)
             _, aux = value(Z, x, idx)
             U = sel(Xg, idx).expand(idx.numel(), -1, -1)
-            dense_t = None if pidx_t is None else sel(pidx_t, idx)
-            gl = logit_gradient(aux, idx)
-            GU = _data_backward(U, gl, sel(ctx.pidx, idx), block(idx), dense_t)
+            GU = backward(U, logit_gradient(aux, idx), idx)
             return 0.5 * (U * GU).sum(1)
 
         def adapted_scale(x, idx, iterations):
