@@ -71,16 +71,24 @@ def test_the_symmetric_optimum_is_symmetric_and_every_phase_counts(monkeypatch):
     spec = ProbeSpec.parse("full", "shrinkage")
     calls = _record_lbfgs(monkeypatch)
     fits = _fit(d, spec, monkeypatch, 1e-5)
-    # the symmetric phase (fits may leave it at ADAPT_AFTER), the adapted one, the full one
-    tols = [1e-5, 1e-12, 1e-12]  # the adapted phase to the rule's own test
-    assert [kw.get("rel_tol") for kw, _ in calls] == tols
-    (sym_kw, sym), (_, adapted), (_, full) = calls
+    # the symmetric phase (fits may leave it at ADAPT_AFTER), the adapted one, the column phase
+    # for the fits the adapted phase did not end: under the optimum rule it runs to the rule's
+    # own test, and a fit it ends is at an optimum of the whole problem
+    (sym_kw, sym), (_, adapted), *column = calls
     assert sym_kw["release"][0] == objective.ADAPT_AFTER
     left = sym.released.nonzero().squeeze(-1).tolist()
     assert left  # (else this would not test the adapted phase)
     assert adapted.x.shape[0] == len(left)  # it runs those fits only
+    ended = [b for i, b in enumerate(left) if adapted.converged[i]]
+    rest = [b for b in range(len(fits)) if b not in ended]
+    assert ended and rest  # (else this would not test both paths)
+    tols = [1e-5, 1e-12, 1e-12]  # the adapted phase to the rule's own test
+    assert [kw.get("rel_tol") for kw, _ in calls] == tols
+    ((_, full),) = column
+    assert full.x.shape[0] == len(rest)  # the column phase runs the others only
     for b, fit in enumerate(fits):
-        parts = [(sym, b), (full, b)] + ([(adapted, left.index(b))] if b in left else [])
+        parts = [(sym, b)] + ([(adapted, left.index(b))] if b in left else [])
+        parts += [(full, rest.index(b))] if b in rest else []
         assert fit.iterations == sum(int(r.iterations[i]) for r, i in parts)
         assert fit.evaluations == sum(int(r.evaluations[i]) for r, i in parts)
         if b in left:

@@ -536,17 +536,14 @@ def _fit_context(
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
         first = None
         if obj.symmetric is not None and _symmetric_phase(paper, rel_tol):
-            x0, first, progress = _symmetric_phases(
+            x0, first, progress, ended = _symmetric_phases(
                 obj, x0, max_iter, rel_tol, history, progress, paper, len(lams)
             )
-        res = optim.lbfgs(
-            obj.split, x0, max_iter=max_iter, history=history, rel_tol=rel_tol,
-            progress=progress, paper=paper,
-            caps=None if first is None else max_iter - first.iterations,
-        )  # fmt: skip
-        if first is not None:  # one fit, two phases: count both
-            res.iterations += first.iterations
-            res.evaluations += first.evaluations
+        kw = dict(max_iter=max_iter, history=history, rel_tol=rel_tol, paper=paper)
+        if first is None:
+            res = optim.lbfgs(obj.split, x0, progress=progress, **kw)
+        else:  # one fit, several phases: count them all
+            res = _column_phase(obj.split, x0, first, ended, progress, **kw)
 
     fits = []
     for b, lam_b in enumerate(lams):
@@ -581,8 +578,9 @@ def _symmetric_phase(paper: optim.PaperStop | None, rel_tol: float) -> bool:
 def _symmetric_phases(obj, x0, max_iter, rel_tol, history, progress, paper, n):
     """The symmetric phase from x0, and the adapted phase for the fits that leave it at
     ADAPT_AFTER (docs/exact-fit.md, "Adapted phase"). Returns the column coordinates x at their
-    end, the phases' result (iterations and evaluations summed over both) and ``progress``
-    shifted past them."""
+    end, the phases' result (iterations and evaluations summed over both, f where each fit's
+    last phase ended), ``progress`` shifted past them, and which fits they ended (B,): under the
+    optimum rule, those whose adapted phase its own test ended."""
     split_y, to_x, from_x = obj.symmetric
     # Under the optimum rule the adapted phase runs to the rule's own test: ended earlier (1e-6),
     # float32 fits could be left where the column coordinates' first steps gain less than the
@@ -603,6 +601,7 @@ def _symmetric_phases(obj, x0, max_iter, rel_tol, history, progress, paper, n):
         release=(ADAPT_AFTER, decide) if adapt else None,
     )  # fmt: skip
     x = to_x(first.x)
+    ended = torch.zeros_like(first.converged)
     if scales:  # the adapted phase, for the fits that left the symmetric phase for it
         order = sorted(scales)
         fits = torch.tensor(order, device=x.device)
@@ -619,9 +618,47 @@ def _symmetric_phases(obj, x0, max_iter, rel_tol, history, progress, paper, n):
         x[fits] = to_xa(part.x)
         first.iterations[fits] += part.iterations
         first.evaluations[fits] += part.evaluations
+        first.f[fits] = part.f
+        # under the optimum rule the rule's own test ended these fits, at an optimum over
+        # symmetric A, which is an optimum of the whole problem: they need no column phase
+        if paper is None:
+            ended[fits] = part.converged
     if base is not None:
         progress = _shifted(base, int(first.iterations.max()))
-    return x, first, progress
+    return x, first, progress, ended
+
+
+def _column_phase(split, x0, first, ended, progress, *, max_iter, **kw):
+    """The column phase (docs/exact-fit.md, "Symmetric phase") from x0 for the fits the symmetric
+    phases did not end (``ended``), with the phases' iterations and evaluations (``first``)
+    counted in."""
+    res = optim.OptimResult(
+        x0.clone(), first.f.clone(), first.iterations.clone(), first.evaluations.clone(),
+        ended.clone(),
+    )  # fmt: skip
+    rest = (~ended).nonzero().squeeze(-1)
+    if rest.numel() == 0:
+        if progress is not None:
+            progress(0, 0)
+        return res
+    part = optim.lbfgs(
+        split if rest.numel() == ended.numel() else _subset(split, rest), x0[rest],
+        max_iter=max_iter, progress=progress, caps=max_iter - first.iterations[rest], **kw,
+    )  # fmt: skip
+    res.x[rest], res.f[rest], res.converged[rest] = part.x, part.f, part.converged
+    res.iterations[rest] += part.iterations
+    res.evaluations[rest] += part.evaluations
+    return res
+
+
+def _subset(split: optim.Split, fits: torch.Tensor) -> optim.Split:
+    """``split`` over the batch's fits ``fits`` (its problem i is fit fits[i])."""
+    return optim.Split(
+        lambda x, idx: split.image(x, fits[idx]),
+        lambda z, x, idx: split.value(z, x, fits[idx]),
+        lambda z, x, aux, idx: split.gradient(z, x, aux, fits[idx]),
+        None if split.ray is None else lambda aux, idx: split.ray(aux, fits[idx]),
+    )
 
 
 def _all_active(progress: Callable[[int, int], None], n: int) -> Callable[[int, int], None]:
