@@ -754,6 +754,7 @@ def test_scale_search_finds_the_exact_one_dimensional_optimum(monkeypatch):
     upper bound), and one positive from t = 0 on (the lower bound)."""
     from scipy.optimize import brentq
 
+    from recovery_assets.core.probe.data_term import answer_first
     from recovery_assets.core.probe.objective import _scale_search
 
     om = probe.objective
@@ -774,7 +775,7 @@ def test_scale_search_finds_the_exact_one_dimensional_optimum(monkeypatch):
     L0[3] *= 1e-5
     got = torch.cat(
         [
-            _scale_search(L0[b : b + 1], answers[b], w, lam[b : b + 1], v0[b : b + 1])
+            _scale_search(answer_first(L0[b : b + 1], answers[b]), w, lam[b : b + 1], v0[b : b + 1])
             for b in range(5)
         ]
     )
@@ -800,6 +801,6 @@ def test_scale_search_finds_the_exact_one_dimensional_optimum(monkeypatch):
         return lambda *x, **y: calls.append(1) or slope(*x, **y)
 
     monkeypatch.setattr(om, "_ray_slope", counting)
-    batched = _scale_search(L0[:3], ans, w, lam[:3], v0[:3])
+    batched = _scale_search(answer_first(L0[:3], ans), w, lam[:3], v0[:3])
     assert torch.allclose(batched, got[:3], rtol=1e-12, atol=0)
     assert 0 < len(calls) <= 20, len(calls)

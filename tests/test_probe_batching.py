@@ -69,7 +69,7 @@ class Spy:
                     G=ctx.X.shape[0],
                     n=ctx.X.shape[1],
                     q=ctx.X.shape[2],
-                    N=ctx.ans.shape[1],
+                    N=ctx.w.shape[1],
                     r=list(ctx.r),
                     w=ctx.w.clone(),
                     gid=list(kwargs.get("gid") or []),
@@ -265,15 +265,16 @@ def test_sparse_data_term_equals_the_gram_path(shared, dtype):
     trips = [torch.randperm(n, generator=g)[:3] for _ in range(N * (1 if shared else B))]
     trip = torch.stack(trips).reshape(1 if shared else B, N, 3)
     ans = torch.randint(0, 3, (trip.shape[0], N), generator=g)
+    trip = data_term.answer_first(trip, ans)
     w = torch.full((trip.shape[0], N), 1.0 / N, dtype=dtype)
     pidx = probe.pair_index(trip, n)
-    dense = data_term._data_term(Z, pidx, ans, w)
+    dense = data_term._data_term(Z, pidx, w)
     patterns = [data_term._pair_pattern(trip[0 if shared else b], n) for b in range(B)]
     assert all(p.rows.shape[0] < n * n // 4 for p in patterns)  # really sparse
     # S is sampled once per unordered pair; the gradient's pattern holds both orientations
     assert all(2 * p.half_rows.shape[0] == p.rows.shape[0] for p in patterns)
     assert all(bool((p.half_rows < p.half_cols).all()) for p in patterns)
-    sparse = data_term._data_term(Z, pidx, ans, w, data_term._BlockPattern.of(patterns, n))
+    sparse = data_term._data_term(Z, pidx, w, data_term._BlockPattern.of(patterns, n))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse[0], dense[0], **tol)
     torch.testing.assert_close(sparse[1], dense[1], **tol)
@@ -294,14 +295,16 @@ def test_dense_data_term_is_the_plain_formula_and_its_autograd(monkeypatch, bloc
     trip = torch.stack([torch.randperm(n, generator=g)[:3] for _ in range(N)]).unsqueeze(0)
     ans = torch.randint(0, 3, (1, N), generator=g)
     w = torch.full((1, N), 1.0 / N, dtype=torch.float64)
-    pidx = probe.pair_index(trip, n)
+    # the fitter's triplets hold the chosen odd one first: the plain formula below takes the
+    # triplets as drawn, with their answers
+    pidx = probe.pair_index(data_term.answer_first(trip, ans), n)
     assert bool((pidx // n >= pidx % n).all())  # every pair in the lower triangle
     if blocked:
         S = kernels._gram_lower(Z)
         full = Z @ Z.transpose(1, 2)
         lower = torch.tril(torch.ones(n, n, dtype=torch.bool))
         torch.testing.assert_close(S[:, lower], full[:, lower], rtol=1e-12, atol=1e-12)
-    loss, grad = data_term._data_term(Z, pidx, ans, w)
+    loss, grad = data_term._data_term(Z, pidx, w)
     Zr = Z.clone().requires_grad_(True)
     S = Zr @ Zr.transpose(1, 2)
     i, j, k = trip[0].unbind(-1)
@@ -359,9 +362,9 @@ class _DataTermSpy:
         self.logits = "gram"
         value, backward = objective._data_value, objective._data_backward
 
-        def spy_value(Z, pidx, ans, w, sparse=None):
+        def spy_value(Z, pidx, w, sparse=None):
             self.logits = "gram" if sparse is None else "sampled"
-            return value(Z, pidx, ans, w, sparse)
+            return value(Z, pidx, w, sparse)
 
         def spy_backward(Z, gl, pidx, sparse=None, pidx_t=None):
             self.seen.add((self.logits, "dense" if sparse is None else "sparse"))

@@ -14,6 +14,7 @@ from test_probe import make_problem, problem_of, rel
 from recovery_assets.core import optim
 from recovery_assets.core.probe import ProbeSpec, fit_probes, objective
 from recovery_assets.core.probe.batching import _prepare
+from recovery_assets.core.probe.data_term import answer_first
 
 F64 = torch.float64
 
@@ -76,7 +77,11 @@ def test_the_ray_search_finds_the_exact_one_dimensional_optimum(monkeypatch):
     pen = torch.tensor([0.05, 0.05, 0.01, 0.0], dtype=F64)
     powers = [1.0, 2.0, 1.0, 1.0]
     got = [
-        float(objective._ray_search(L[b : b + 1], answers[b], w, pen[b : b + 1], powers[b]))
+        float(
+            objective._ray_search(
+                answer_first(L[b : b + 1], answers[b]), w, pen[b : b + 1], powers[b]
+            )
+        )
         for b in range(4)
     ]
 
@@ -100,7 +105,7 @@ def test_the_ray_search_finds_the_exact_one_dimensional_optimum(monkeypatch):
         return lambda *x, **y: calls.append(1) or inner(*x, **y)
 
     monkeypatch.setattr(objective, "_ray_slope", counting)
-    objective._ray_search(L[:3], ans, w, pen[:3], 1.0)
+    objective._ray_search(answer_first(L[:3], ans), w, pen[:3], 1.0)
     assert 0 < len(calls) <= objective.RAY_STEPS
 
 

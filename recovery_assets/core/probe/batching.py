@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from recovery_assets.core import optim
-from recovery_assets.core.probe.data_term import pair_index
+from recovery_assets.core.probe.data_term import answer_first, pair_index
 from recovery_assets.core.probe.fitted import FittedProbe
 from recovery_assets.core.probe.objective import _fit_context, _iteration_cap
 from recovery_assets.core.probe.reduction import _reduce, _uses_reduction, pca_axes
@@ -57,9 +57,8 @@ class _Context:
     """
 
     X: torch.Tensor  # (G, n, q) training concepts' features in the fitting coordinates
-    trip: torch.Tensor  # (G, N, 3) triplets in local concept indices
+    trip: torch.Tensor  # (G, N, 3) triplets in local concept indices, the chosen odd one first
     pidx: torch.Tensor  # (G, N, 3) pair indices into n x n
-    ans: torch.Tensor  # (G, N)
     w: torch.Tensor  # (G, N) triplet weights: 1/N_g for real triplets, 0 for padding
     V: list  # per group: reduced basis (p x r), or None when fitted in own coordinates
     P: list  # per group: PCA axes or None
@@ -80,7 +79,7 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         P = pca_axes(X, spec.k)
         X = (X - mu) @ P
     concepts, local = torch.unique(trip.reshape(-1), return_inverse=True)
-    local = local.reshape(-1, 3)
+    local = answer_first(local.reshape(-1, 3), ans)  # the answer's logit is the first
     Xt = X[concepts]
     V = None
     lead = None
@@ -93,7 +92,6 @@ def _prepare(problem: FitProblem, spec: ProbeSpec, device, dtype, reduce: bool) 
         X=Xt.to(dtype).unsqueeze(0),
         trip=local.unsqueeze(0),
         pidx=pair_index(local, n_t).unsqueeze(0),
-        ans=ans.unsqueeze(0),
         w=torch.full((1, N), 1.0 / N, dtype=dtype, device=device),
         V=[V],
         P=[P],
@@ -111,25 +109,23 @@ def _merge(contexts: list[_Context]) -> _Context:
     if len(contexts) == 1:
         return contexts[0]
     n = max(c.X.shape[1] for c in contexts)
-    N = max(c.ans.shape[1] for c in contexts)
+    N = max(c.w.shape[1] for c in contexts)
     q = max(c.X.shape[2] for c in contexts)
     if any(c.X.shape[2] != q for c in contexts) and contexts[0].V[0] is None:
         raise ValueError("only reduced problems can be padded to a common dimension")
-    Xs, trips, ans, ws = [], [], [], []
+    Xs, trips, ws = [], [], []
     for c in contexts:
-        nc, Nc, qc = c.X.shape[1], c.ans.shape[1], c.X.shape[2]
+        nc, Nc, qc = c.X.shape[1], c.w.shape[1], c.X.shape[2]
         Xs.append(torch.nn.functional.pad(c.X[0], (0, q - qc, 0, n - nc)))
         trip = torch.nn.functional.pad(c.trip[0], (0, 0, 0, N - Nc))
         trip[Nc:] = torch.tensor([0, 1, 2], device=trip.device)  # weight-0 padding rows
         trips.append(trip)
-        ans.append(torch.nn.functional.pad(c.ans[0], (0, N - Nc)))
         ws.append(torch.nn.functional.pad(c.w[0], (0, N - Nc)))
     trip = torch.stack(trips)
     return _Context(
         X=torch.stack(Xs),
         trip=trip,
         pidx=pair_index(trip, n),
-        ans=torch.stack(ans),
         w=torch.stack(ws),
         V=[v for c in contexts for v in c.V],
         P=[q for c in contexts for q in c.P],
@@ -211,7 +207,7 @@ def fit_probes(
     # split across batches when they exceed the limit.
     def dims(i):
         c = contexts[i]
-        return c.X.shape[2], c.X.shape[1], c.ans.shape[1]
+        return c.X.shape[2], c.X.shape[1], c.w.shape[1]
 
     def stackable(a, b):
         return reduce or dims(a)[0] == dims(b)[0]

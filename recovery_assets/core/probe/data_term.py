@@ -2,11 +2,13 @@
 odd-one-out choices and its gradient with respect to Z = X W^T.
 
 For a triplet (i, j, k) the logits are [s_jk, s_ik, s_ij] with s_ab = z_a . z_b (``pair_index``,
-``logits_from_similarity``). The loss is accumulated in float64 from the N x 3 logits
-(``_choice_gradient``); the gradient is dL/dZ = (G + G^T) Z. Dense data form the Gram matrix
-S = Z Z^T; when the triplets' pairs are a small part of the n^2 the sparse path samples S at the
-fixed pair pattern (``_PairPattern``, block-diagonal over a batch: ``_BlockPattern``) and takes a
-sparse-dense product (docs/exact-fit.md, "The data term: dense or sparse"). ``choice_metrics``:
+``logits_from_similarity``); the fitter stores each triplet with its chosen odd one first
+(``answer_first``), so that the answer's logit is the first. The loss is accumulated in float64
+from the N x 3 logits (``_choice_gradient``); the gradient is dL/dZ = (G + G^T) Z. Dense data
+form the Gram matrix S = Z Z^T; when the triplets' pairs are a small part of the n^2 the sparse
+path samples S at the fixed pair pattern (``_PairPattern``, block-diagonal over a batch:
+``_BlockPattern``) and takes a sparse-dense product, and between the two S is sampled while the
+gradient stays dense (docs/exact-fit.md, "The data term: dense or sparse"). ``choice_metrics``:
 accuracy and NLL of given logits.
 
 SAMPLE_RATIO, SPARSE_RATIO and SPARSE_DEVICES are read at call time from this module
@@ -184,31 +186,42 @@ def _sparse_patterns(trip: torch.Tensor, n: int, device: torch.device):
     return (patterns if sampled else None), gradient
 
 
-def _choice_gradient(
-    logits: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, dtype, gradient: bool = True
-):
-    """Weighted cross-entropy of (B, N, 3) float64 logits and its gradient w.r.t. the logits
-    (None unless ``gradient``).
+def answer_first(x: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
+    """Each triplet (or its logits) rotated so that the chosen odd one comes first: x (..., N, 3),
+    ans (N,) or broadcastable to x's leading dimensions, in {0, 1, 2}.
+
+    Rotating a triplet (i, j, k) to (t_a, t_a+1, t_a+2) rotates its logits [s_jk, s_ik, s_ij]
+    the same way, and the answer becomes 0: the fitter stores its triplets so
+    (``batching._prepare``), and the data term reads the answer's logit as the first."""
+    idx = (ans.unsqueeze(-1) + torch.arange(3, device=ans.device)) % 3
+    return x.gather(-1, idx.expand(*x.shape[:-1], 3))
+
+
+def _choice_gradient(logits: torch.Tensor, w: torch.Tensor, dtype, gradient: bool = True):
+    """Weighted cross-entropy of (B, N, 3) float64 logits, the chosen odd one's first
+    (``answer_first``), and its gradient w.r.t. the logits (None unless ``gradient``).
 
     The loss is accumulated in float64 from the (cheap, N x 3) logits: near a flat start (tiny
     features, logits ~1e-8) its changes are far below float32 resolution, and the optimiser's
-    convergence test must still see them. The matmuls stay in the working dtype. The softmax is
-    written out (shifted by the row maximum): torch's own reduces over a last dimension of 3
-    about a third slower.
+    convergence test must still see them. The matmuls stay in the working dtype. Written over the
+    two logit differences delta_j = L_j - L_0: CE = log(1 + exp(delta_1) + exp(delta_2)), shifted
+    by max(0, delta_1, delta_2); its gradient is the softmax less the answer's indicator, p_j for
+    j = 1, 2 and -(p_1 + p_2) for the answer (torch's softmax and reductions over a last
+    dimension of 3 take several times as long).
     """
     B = logits.shape[0]
-    m = logits.amax(-1, keepdim=True)
-    e = (logits - m).exp_()
-    total = e.sum(-1, keepdim=True)
-    a = ans.expand(B, -1).unsqueeze(-1)
     ww = w.expand(B, -1).to(torch.float64)
-    logp_a = (logits.gather(-1, a) - m - total.log()).squeeze(-1)
-    loss = -(ww * logp_a).sum(-1)
+    d1 = logits[..., 1] - logits[..., 0]
+    d2 = logits[..., 2] - logits[..., 0]
+    m = torch.maximum(d1, d2).clamp_min_(0)
+    e1, e2 = d1.sub_(m).exp_(), d2.sub_(m).exp_()
+    z = m.neg().exp_().add_(e1).add_(e2)
+    loss = torch.linalg.vecdot(ww, z.log().add_(m))
     if not gradient:
         return loss, None
-    gl = e.div_(total)
-    gl.scatter_add_(-1, a, -torch.ones_like(gl[..., :1]))
-    return loss, (gl * ww.unsqueeze(-1)).to(dtype)
+    wz = ww / z  # (not in place: ww may be the caller's w itself)
+    p1, p2 = e1.mul_(wz), e2.mul_(wz)  # weighted p_1, p_2
+    return loss, torch.stack([-(p1 + p2), p1, p2], -1).to(dtype)
 
 
 def _triplet_logits(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern | None):
@@ -226,26 +239,25 @@ def _triplet_logits(Z: torch.Tensor, pidx: torch.Tensor, sparse: _BlockPattern |
 def _data_term(
     Z: torch.Tensor,
     pidx: torch.Tensor,
-    ans: torch.Tensor,
     w: torch.Tensor,
     sparse: _BlockPattern | None = None,
 ):
     """Weighted cross-entropy of the choices and its gradient with respect to Z.
 
-    Z (B, n, q); pidx (B or 1, N, 3) flat pair indices; ans (B or 1, N); w (B or 1, N) weights
-    summing to one per problem (1/N: the mean). Dense: S = Z Z^T is formed once; the gradient with
-    respect to S is a scatter-add over the triplets; dL/dZ = (G + G^T) Z. With ``sparse`` (the
-    batch's pair pattern) S is sampled at the pairs and G + G^T is a sparse matrix: the same values
-    for a fraction of the work.
+    Z (B, n, q); pidx (B or 1, N, 3) flat pair indices of the triplets, each with its chosen odd
+    one first (``answer_first``); w (B or 1, N) weights summing to one per problem (1/N: the
+    mean). Dense: S = Z Z^T is formed once; the gradient with respect to S is a scatter-add over
+    the triplets; dL/dZ = (G + G^T) Z. With ``sparse`` (the batch's pair pattern) S is sampled at
+    the pairs and G + G^T is a sparse matrix: the same values for a fraction of the work.
     """
-    loss, gl = _choice_gradient(_triplet_logits(Z, pidx, sparse), ans, w, Z.dtype)
+    loss, gl = _choice_gradient(_triplet_logits(Z, pidx, sparse), w, Z.dtype)
     return loss, _data_backward(Z, gl, pidx, sparse)
 
 
-def _data_value(Z, pidx, ans, w, sparse: _BlockPattern | None = None):
+def _data_value(Z, pidx, w, sparse: _BlockPattern | None = None):
     """The weighted cross-entropy and the (B, N, 3) float64 logits it was taken from."""
     logits = _triplet_logits(Z, pidx, sparse)
-    return _choice_gradient(logits, ans, w, Z.dtype, gradient=False)[0], logits
+    return _choice_gradient(logits, w, Z.dtype, gradient=False)[0], logits
 
 
 def _data_backward(Z, gl, pidx, sparse: _BlockPattern | None = None, pidx_t=None):

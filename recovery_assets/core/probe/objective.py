@@ -85,7 +85,7 @@ class _Objective:
     lam: torch.Tensor  # (B,)
     unpack: Callable  # (x row, b) -> the family's parameter (w, A or M) in problem coordinates
     shape: tuple
-    start: Callable  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), ans, w)
+    start: Callable  # () -> (logits at x0 (B, N, 3), penalty at x0 (B,), w)
     # the same objective over symmetric A (reduced rotation-invariant fits only, else None), and
     # the maps between its coordinates and x: (split, (y[, idx]) -> x, x -> y)
     symmetric: tuple[optim.Split, Callable, Callable] | None = None
@@ -214,8 +214,7 @@ def _objective(
     # lambda R (``_pack``): the gradient needs the logits, the ray step both ("Ray step": logits
     # scale by c^2 along the ray, the penalty by c^degree). ``smooth``: the objective in one call.
     def value(Z, x, idx):
-        pidx, ans, w = sel(ctx.pidx, idx), sel(ctx.ans, idx), sel(ctx.w, idx)
-        loss, logits = _data_value(Z, pidx, ans, w, block(idx))
+        loss, logits = _data_value(Z, sel(ctx.pidx, idx), sel(ctx.w, idx), block(idx))
         pen_v = torch.zeros_like(loss)
         if penalised:
             v, _ = pen(x, idx, grad=False)
@@ -224,7 +223,7 @@ def _objective(
 
     def logit_gradient(aux, idx):
         """The data term's gradient with respect to the logits packed in ``aux``."""
-        return _choice_gradient(_unpack(aux)[0], sel(ctx.ans, idx), sel(ctx.w, idx), dt)[1]
+        return _choice_gradient(_unpack(aux)[0], sel(ctx.w, idx), dt)[1]
 
     def gradient(Z, x, aux, idx):
         g = back(backward(Z, logit_gradient(aux, idx), idx), x, idx)
@@ -237,10 +236,10 @@ def _objective(
 
     def ray(aux, idx):
         L, pen_v = _unpack(aux)
-        ans, w = sel(ctx.ans, idx), sel(ctx.w, idx)
-        t = _ray_search(L, ans, w, pen_v, power)
+        w = sel(ctx.w, idx)
+        t = _ray_search(L, w, pen_v, power)
         Lt, pen_t = L * t[:, None, None], pen_v * t**power
-        f = _choice_gradient(Lt, ans, w, dt, gradient=False)[0] + pen_t
+        f = _choice_gradient(Lt, w, dt, gradient=False)[0] + pen_t
         return t, f, _pack(Lt, pen_t)
 
     split = optim.Split(model, value, gradient, ray if RAY_STEP else None)
@@ -264,7 +263,7 @@ def _objective(
         Z = model(x0, every)
         L0 = _triplet_logits(Z, sel(ctx.pidx, every), block(every))
         v0 = pen(x0, every)[0]
-        return L0, v0, sel(ctx.ans, every), sel(ctx.w, every)
+        return L0, v0, sel(ctx.w, every)
 
     obj = _Objective(smooth, split, x0, lam, unpack, shape, start)
     if family in ("full", "pca") and ctx.V[0] is not None and penalised and P.rotation_invariant:
@@ -373,7 +372,6 @@ def _symmetric(
 
 def _scale_search(
     L0: torch.Tensor,
-    ans: torch.Tensor,
     w: torch.Tensor,
     lam: torch.Tensor,
     v0: torch.Tensor,
@@ -396,7 +394,7 @@ def _scale_search(
     tiny along the free scale and it stops far from the optimum.
     """
     pen = lam.to(torch.float64) * v0.to(torch.float64)
-    slope = _ray_slope(L0, ans, w, pen.reshape(L0.shape[0]), 1.0)
+    slope = _ray_slope(L0, w, pen.reshape(L0.shape[0]), 1.0)
     lo, hi = torch.zeros_like(pen), torch.ones_like(pen)
     while True:
         grow = (slope(hi) < 0) & (hi < bounds[1])
@@ -421,9 +419,10 @@ def _scale_search(
     return t.clamp(*bounds)
 
 
-def _ray_slope(L: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, pen: torch.Tensor, power):
+def _ray_slope(L: torch.Tensor, w: torch.Tensor, pen: torch.Tensor, power):
     """phi'(t) (and phi''(t) with ``curvature``) of phi(t) = CE(t L) + pen t^power per fit: the
-    objective along the ray through logits L (B, N, 3) float64 with penalty term pen (B,).
+    objective along the ray through logits L (B, N, 3) float64, the chosen odd one's first
+    (``data_term.answer_first``), with penalty term pen (B,).
 
     With delta the two other logits less the answer's, CE(t L) = log(1 + sum exp(t delta)) per
     triplet: its slope is E_P[delta] (= E_P[L] - L[answer]), its curvature Var_P[delta] >= 0
@@ -431,10 +430,8 @@ def _ray_slope(L: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, pen: torch.T
     sums over a last dimension of 3 or 2 take several times as long, and this runs a few times
     per iteration."""
     B = L.shape[0]
-    a = ans.expand(B, -1).unsqueeze(-1)
-    La = L.gather(-1, a).squeeze(-1)
-    d1 = L.gather(-1, (a + 1) % 3).squeeze(-1) - La  # (B, N) each
-    d2 = L.gather(-1, (a + 2) % 3).squeeze(-1) - La
+    d1 = L[..., 1] - L[..., 0]  # (B, N) each
+    d2 = L[..., 2] - L[..., 0]
     ww = w.expand(B, -1).to(torch.float64)
 
     def slope(t: torch.Tensor, curvature: bool = False):
@@ -456,7 +453,6 @@ def _ray_slope(L: torch.Tensor, ans: torch.Tensor, w: torch.Tensor, pen: torch.T
 
 def _ray_search(
     L: torch.Tensor,
-    ans: torch.Tensor,
     w: torch.Tensor,
     pen: torch.Tensor,
     power: float,
@@ -473,7 +469,7 @@ def _ray_search(
     then of its square); near the optimum the ray's best t is close to 1 and 2-3 steps settle
     it.
     The caller keeps t only where it lowers the objective."""
-    slope = _ray_slope(L, ans, w, pen, power)
+    slope = _ray_slope(L, w, pen, power)
     t = torch.ones_like(pen)
     lo, hi = torch.full_like(pen, 1.0 / bound), torch.full_like(pen, bound)
     done = torch.zeros_like(pen, dtype=torch.bool)
@@ -531,8 +527,8 @@ def _fit_context(
         )  # fmt: skip
     else:
         if family != "rank":  # W = c I (diagonal: w = c 1) is free under shrinkage: find c
-            L0, v0, ans, w = obj.start()
-            t = _scale_search(L0, ans, w, lam, v0)
+            L0, v0, w = obj.start()
+            t = _scale_search(L0, w, lam, v0)
             x0 = x0 * torch.sqrt(t).to(x0.dtype)[:, None]
         first = None
         if obj.symmetric is not None and _symmetric_phase(paper, rel_tol):
