@@ -56,9 +56,10 @@ SYMMETRIC_PHASE_TOL: float | None = 1e-5
 # A fit whose symmetric phase reaches ADAPT_AFTER (after at least ADAPT_MIN_ITER iterations) with
 # a positive curvature a_e in every coordinate leaves it there for the adapted phase
 # (docs/exact-fit.md, "Adapted phase"): a symmetric phase preconditioned elementwise by that
-# curvature, run to SYMMETRIC_PHASE_TOL (paper rule) or to the optimum rule's own test before
-# the column phase. Every other fit runs its symmetric phase on, unchanged, to
-# SYMMETRIC_PHASE_TOL. ADAPT_AFTER None: no adapted phase.
+# curvature, run to SYMMETRIC_PHASE_TOL (paper rule; the column phase follows) or to the optimum
+# rule's own test, which ends the fit (``_column_phase`` runs only if that test did not end it).
+# Every other fit runs its symmetric phase on, unchanged, to SYMMETRIC_PHASE_TOL. ADAPT_AFTER
+# None: no adapted phase.
 ADAPT_AFTER: float | None = 1e-4
 ADAPT_MIN_ITER = 10
 # The ray step (docs/exact-fit.md, "Ray step"): after every accepted L-BFGS step, the exact
