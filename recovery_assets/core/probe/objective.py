@@ -359,14 +359,12 @@ def _symmetric(
     def from_x(x):
         return times(x, inverse).reshape(x.shape[0], -1)
 
-    def fit(idx):
-        return idx if fits is None else fits[idx]
-
+    base = split if fits is None else _subset(split, fits)
     split_y = optim.Split(
-        lambda y, idx: split.image(to_x(y, idx), fit(idx)),
-        lambda Z, y, idx: split.value(Z, to_x(y, idx), fit(idx)),
-        lambda Z, y, aux, idx: adjoint(split.gradient(Z, to_x(y, idx), aux, fit(idx)), idx),
-        None if split.ray is None else lambda aux, idx: split.ray(aux, fit(idx)),
+        lambda y, idx: base.image(to_x(y, idx), idx),
+        lambda Z, y, idx: base.value(Z, to_x(y, idx), idx),
+        lambda Z, y, aux, idx: adjoint(base.gradient(Z, to_x(y, idx), aux, idx), idx),
+        base.ray,
     )
     return split_y, to_x, from_x
 

@@ -84,7 +84,7 @@ class Penalty:
     def reference(self, M: torch.Tensor, family: str) -> torch.Tensor:
         """The plain formula of R at the family's parameter: w for ``diagonal``, else W (pca:k:
         the k x k transform of the principal components), in float64."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} penalty does not state its formula")
 
 
 class Shrinkage(Penalty):
